@@ -1,0 +1,41 @@
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("UAE_DATA_DIR", ROOT.parent / "shared" / "data"))
+MP_PATH = SHARED_DATA / "mp_cgcnn_36737.json.gz"
+HOIP_PATH = SHARED_DATA / "hoip_kim2017_1346.json.gz"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slurm: needs a running Slurm controller (skipped without one)")
+    config.addinivalue_line("markers", "slow: long-running test")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+        has_gpu = torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        has_gpu = False
+    skip_gpu = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def mp_path():
+    if not MP_PATH.exists():
+        pytest.skip(f"MP data set not found at {MP_PATH}")
+    return MP_PATH
+
+
+@pytest.fixture(scope="session")
+def hoip_path():
+    if not HOIP_PATH.exists():
+        pytest.skip(f"HOIP data set not found at {HOIP_PATH}")
+    return HOIP_PATH
