@@ -1,0 +1,33 @@
+# The two README commands: `make pretrain` (set up + main job on the default data) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= data_build/mp
+WORKERS ?= 2
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: install data pretrain test bench clean
+
+$(VENV)/.installed: requirements.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# Graphs of the Materials Project set (Ef, band gap) → $(DATA); skipped when already built.
+data: install
+	@if [ -f $(DATA)/manifest.json ]; then echo "$(DATA) already built"; else \
+	  $(BIN)/uae-dist data build --source mp --out $(DATA) --shards 4 --workers $(WORKERS) --resume; fi
+	$(BIN)/uae-dist data verify $(DATA) -q
+	$(BIN)/uae-dist data info $(DATA)
+
+pretrain: data
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf build *.egg-info uae_dist/*.so

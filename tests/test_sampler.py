@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+
+from uae_dist.data.sampler import DistributedAtomBatchSampler
+
+
+def samplers(natoms, world, **kw):
+    return [DistributedAtomBatchSampler(natoms, num_replicas=world, rank=r, **kw) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [7, 50, 333])
+def test_equal_steps_and_every_index_once(world, n):
+    natoms = np.random.default_rng(n).integers(1, 120, n)
+    for epoch in range(3):
+        seen = []
+        lens = set()
+        for s in samplers(natoms, world, max_atoms=200, seed=3):
+            s.set_epoch(epoch)
+            batches = list(s)
+            lens.add(len(batches))
+            assert len(batches) == len(s)
+            for b in batches:
+                assert natoms[b].sum() <= 200 or len(b) == 1
+            seen += [k for b in batches for k in b]
+        assert len(lens) == 1, "every rank must take the same number of steps"
+        assert sorted(seen) == list(range(n)), "every index exactly once per epoch"
+
+
+def test_oversized_structure_gets_its_own_batch():
+    natoms = np.array([5, 500, 5, 5])
+    (s,) = samplers(natoms, 1, max_atoms=100)
+    assert [1] in list(s)
+
+
+def test_max_edges_cap():
+    natoms = np.full(40, 10)
+    nedges = np.full(40, 300)
+    (s,) = samplers(natoms, 1, max_atoms=1000, nedges=nedges, max_edges=1000)
+    assert all(nedges[b].sum() <= 1000 for b in s)
+
+
+def test_shuffle_depends_on_seed_and_epoch_only():
+    natoms = np.random.default_rng(0).integers(1, 50, 100)
+    a, b = samplers(natoms, 1, max_atoms=150, seed=1)[0], samplers(natoms, 1, max_atoms=150, seed=1)[0]
+    assert list(a) == list(b)
+    a.set_epoch(1)
+    assert list(a) != list(b)
+    c = samplers(natoms, 1, max_atoms=150, seed=2)[0]
+    assert list(c) != list(b)
+    d = samplers(natoms, 1, max_atoms=150, shuffle=False)[0]
+    assert [k for bt in d for k in bt] == list(range(100))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_exact_mid_epoch_resume(world):
+    natoms = np.random.default_rng(1).integers(1, 80, 211)
+    for rank in range(world):
+        full = DistributedAtomBatchSampler(natoms, 160, world, rank, seed=5)
+        full.set_epoch(2)
+        ref = list(full)
+        it = iter(DistributedAtomBatchSampler(natoms, 160, world, rank, seed=5))
+        s = DistributedAtomBatchSampler(natoms, 160, world, rank, seed=5)
+        s.set_epoch(2)
+        it = iter(s)
+        first = [next(it) for _ in range(4)]
+        state = s.state_dict()
+        assert state["batches_done"] == 4 and state["epoch"] == 2
+        # a fresh sampler (new process) resumes from the saved position
+        t = DistributedAtomBatchSampler(natoms, 160, world, rank, seed=0)
+        t.load_state_dict(state)
+        rest = list(t)
+        assert first + rest == ref
+        assert len(list(t)) == len(ref), "the skip applies to the resumed pass only"
+
+
+def test_resume_on_other_world_size_is_refused():
+    natoms = np.ones(20, dtype=int)
+    s = DistributedAtomBatchSampler(natoms, 4, 2, 0)
+    with pytest.raises(ValueError, match="world size"):
+        DistributedAtomBatchSampler(natoms, 4, 1, 0).load_state_dict(s.state_dict(3))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        DistributedAtomBatchSampler([1, 2], 0)
+    with pytest.raises(ValueError):
+        DistributedAtomBatchSampler([1], 10, num_replicas=2, rank=0)
+    with pytest.raises(ValueError):
+        DistributedAtomBatchSampler([1, 2], 10, num_replicas=2, rank=2)

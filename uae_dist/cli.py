@@ -1,0 +1,138 @@
+"""``uae-dist`` command line: parses and dispatches, nothing more."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _bounds(items):
+    out = {}
+    for it in items or []:
+        try:
+            name, rng = it.split("=", 1)
+            lo, hi = rng.split(":", 1)
+            out[name] = (float(lo) if lo else float("-inf"), float(hi) if hi else float("inf"))
+        except ValueError:
+            raise SystemExit(f"--bound expects NAME=LO:HI (either side may be empty), got {it!r}")
+    return out
+
+
+def cmd_data_build(a) -> int:
+    from uae_dist.data.build import BuildError, build_lmdb
+    from uae_dist.data.registry import DEFAULT_BOUNDS
+
+    bounds = None  # the defaults of registry.DEFAULT_BOUNDS
+    if a.bound or a.no_default_bounds:
+        bounds = ({} if a.no_default_bounds else dict(DEFAULT_BOUNDS)) | _bounds(a.bound)
+    try:
+        m = build_lmdb(a.source, a.out, targets=a.targets, cutoff=a.cutoff, max_neighbors=a.max_neighbors,
+                       shards=a.shards, workers=a.workers, limit=a.limit, resume=a.resume, overwrite=a.overwrite,
+                       bounds=bounds, fmt=a.format, id_key=a.id_key, cif_key=a.cif_key, fast_cif=not a.no_fast_cif,
+                       seed=a.seed, split=tuple(float(x) for x in a.split.split(",")),
+                       commit_every=a.commit_every, progress=not a.quiet)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"uae-dist data build: error: {e}", file=sys.stderr)
+        return 2
+    if m is not None:
+        c = m["counts"]
+        print(f"{c['records']:,} records ({c['rejected']:,} rejected, see {a.out}/rejects.jsonl) "
+              f"in {m['build']['wall_s']:.1f} s = {m['build']['records_per_s']:,.0f} structures/s → {a.out}")
+    return 0
+
+
+def cmd_data_verify(a) -> int:
+    from uae_dist.data.verify import verify
+
+    problems = verify(a.dir, decode=not a.no_decode, progress=not a.quiet)
+    for p in problems:
+        print(f"DAMAGED: {p}")
+    if problems:
+        print(f"{a.dir}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{a.dir}: OK")
+    return 0
+
+
+def cmd_data_info(a) -> int:
+    from uae_dist.data.verify import format_summary, summary
+
+    try:
+        s = summary(a.dir)
+    except FileNotFoundError as e:
+        print(f"uae-dist data info: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(s, indent=1) if a.json else format_summary(s))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from uae_dist import __version__
+
+    p = argparse.ArgumentParser(prog="uae-dist", description="Universal atomic embeddings for crystals: "
+                                "data building, pretraining and export.")
+    p.add_argument("--version", action="version", version=f"uae-dist {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = sub.add_parser("data", help="build, verify and describe graph data sets (sharded LMDB)")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    b = dsub.add_parser("build", help="structures → periodic neighbour graphs → sharded LMDB + manifest",
+                        description="Works in parallel with --workers; under `mpirun -np K` each MPI rank "
+                                    "writes its own shards.")
+    b.add_argument("--source", required=True, help="a file or folder (JSON(.gz) records, CGCNN folder, extxyz "
+                   "or anything ASE reads) or a known data set name: mp, hoip")
+    b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--targets", default=None, help="comma-separated label names (default: the known set's, "
+                   "else every numeric field)")
+    b.add_argument("--cutoff", type=float, default=8.0, help="neighbour cutoff in Å (default 8)")
+    b.add_argument("--max-neighbors", type=int, default=None, help="keep the N nearest (whole tied shells)")
+    b.add_argument("--shards", type=int, default=4)
+    b.add_argument("--workers", type=int, default=1, help="local worker processes")
+    b.add_argument("--limit", type=int, default=None, help="only the first N source records")
+    b.add_argument("--resume", action="store_true", help="finish an interrupted build")
+    b.add_argument("--overwrite", action="store_true", help="delete an existing build in --out first")
+    b.add_argument("--bound", action="append", metavar="NAME=LO:HI",
+                   help="sanity bound of a label (repeatable); defaults cover e_form_per_atom and band gaps")
+    b.add_argument("--no-default-bounds", action="store_true")
+    b.add_argument("--format", default="auto", choices=["auto", "json", "cgcnn", "extxyz", "ase"])
+    b.add_argument("--id-key", default=None, help="JSON key of the record id")
+    b.add_argument("--cif-key", default="cif", help="JSON key of the CIF text")
+    b.add_argument("--no-fast-cif", action="store_true", help="parse every CIF with pymatgen")
+    b.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions")
+    b.add_argument("--seed", type=int, default=0, help="split seed")
+    b.add_argument("--commit-every", type=int, default=128, help="records per LMDB transaction")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_data_build)
+
+    v = dsub.add_parser("verify", help="check checksums, counts and decodability; exit 1 on damage")
+    v.add_argument("dir")
+    v.add_argument("--no-decode", action="store_true", help="skip decoding every record")
+    v.add_argument("-q", "--quiet", action="store_true")
+    v.set_defaults(func=cmd_data_verify)
+
+    i = dsub.add_parser("info", help="readable summary of a built data set")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=cmd_data_info)
+
+    e = sub.add_parser("export", help="write the universal atomic embeddings of a checkpoint for other tools")
+    try:
+        from uae_dist import export as _export
+        _export.add_arguments(e)
+        e.set_defaults(func=_export.run)
+    except ImportError as err:  # pragma: no cover - only while the training stack is missing
+        e.set_defaults(func=lambda a, err=err: (print(f"export unavailable: {err}", file=sys.stderr), 2)[1])
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
