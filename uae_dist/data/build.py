@@ -344,7 +344,7 @@ def finalize(out: Path, src, path: Path, known, identity: dict, opts: BuildOptio
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "identity": identity,
         "source": {"path": str(path), "sha256": identity["source_sha256"], "known": known.name if known else None,
-                   "records": n, **src.describe()},
+                   "records": n, **{k: v for k, v in src.describe().items() if k != "n"}},
         "options": identity["options"],
         "edge_convention": "edge (i, j, shift): vec = pos[j] + shift @ cell - pos[i]; cell rows are lattice vectors",
         "counts": {"source": n, "records": len(rows), "rejected": len(rejects), "reject_reasons": reasons,
