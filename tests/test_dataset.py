@@ -71,3 +71,16 @@ def test_batches_and_dataloader_workers(built):
 def test_missing_build_gives_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="uae-dist data build"):
         CrystalGraphDataset(tmp_path)
+
+
+def test_load_time_cutoff_and_cap_match_a_direct_build(built):
+    from uae_dist.ops.neighbors_ref import neighbor_list_numpy
+
+    ds = CrystalGraphDataset(built, split=None, dtype=torch.float64, cutoff=4.5, max_neighbors=12)
+    for k in range(0, len(ds), 17):
+        g = ds[k]
+        i, j, sh = neighbor_list_numpy(g.pos.numpy(), g.cell[0].numpy(), [True] * 3, 4.5, 12)
+        assert g.edge_index[0].tolist() == i.tolist() and g.edge_index[1].tolist() == j.tolist()
+        assert g.shift.tolist() == sh.tolist()
+    with pytest.raises(ValueError, match="exceeds"):
+        CrystalGraphDataset(built, cutoff=9.0)

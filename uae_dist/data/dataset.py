@@ -17,6 +17,7 @@ from torch_geometric.data import Batch, Data
 from . import lmdb_store as store
 from .build import MANIFEST, SPLIT
 from .graph import SCHEMA_VERSION, decode_record
+from ..ops.neighbors_ref import cap_mask
 
 
 def load_manifest(root) -> tuple[dict, str]:
@@ -33,10 +34,18 @@ def load_manifest(root) -> tuple[dict, str]:
 class CrystalGraphDataset(torch.utils.data.Dataset):
     """Graphs of one split (``"train"``, ``"val"``, ``"test"``) or of every record (``split=None``)."""
 
-    def __init__(self, root, split: str | None = "train", dtype: torch.dtype = torch.float32):
+    def __init__(self, root, split: str | None = "train", dtype: torch.dtype = torch.float32,
+                 cutoff: float | None = None, max_neighbors: int | None = None):
+        """``cutoff``/``max_neighbors`` narrow the stored graphs at load time (in the loader workers),
+        so one 8 Å build serves models with shorter cutoffs."""
         self.root = Path(root)
         self.manifest, self.manifest_sha256 = load_manifest(self.root)
         self.dtype = dtype
+        built = float(self.manifest["options"]["cutoff"])
+        if cutoff is not None and cutoff > built + 1e-9:
+            raise ValueError(f"cutoff {cutoff} Å exceeds the {built} Å the data set was built with; rebuild it")
+        self.cutoff = None if cutoff is None or cutoff >= built else float(cutoff)
+        self.max_neighbors = max_neighbors
         rec = self.manifest["records"]
         self.target_names = list(self.manifest["targets"]["names"])
         # global order = source order; per shard, records are numbered in that order
@@ -90,7 +99,20 @@ class CrystalGraphDataset(torch.utils.data.Dataset):
             blob = txn.get(store.rkey("r", key))
             if blob is None:
                 raise KeyError(f"record {self.ids[k]!r} (key {key}) missing from {self._shard_files[shard]}")
-            return decode_record(bytes(blob))
+            r = decode_record(bytes(blob))
+        if self.cutoff is not None or self.max_neighbors is not None:
+            r = self._narrow(r)
+        return r
+
+    def _narrow(self, r: dict) -> dict:
+        vec = r["pos"][r["j"]] + r["shift"] @ r["cell"] - r["pos"][r["i"]]
+        d = np.sqrt(np.einsum("ij,ij->i", vec, vec))
+        keep = np.ones(len(d), dtype=bool) if self.cutoff is None else d <= self.cutoff
+        if self.max_neighbors is not None:
+            keep[keep] = cap_mask(r["i"][keep], d[keep], self.max_neighbors)
+        for f in ("i", "j", "shift"):
+            r[f] = r[f][keep]
+        return r
 
     def __getitem__(self, k: int) -> Data:
         r = self.raw(k)
