@@ -193,6 +193,9 @@ def test_cli_info_and_verify(small_build):
     r = subprocess.run([BIN / "uae-dist", "data", "info", str(out), "--json"], capture_output=True, text=True,
                        check=True)
     assert json.loads(r.stdout)["counts"]["records"] == 40
+    png = out.parent / "info.png"
+    subprocess.run([BIN / "uae-dist", "data", "info", str(out), "--plot", str(png)], check=True, capture_output=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     r = subprocess.run([BIN / "uae-dist", "data", "verify", str(out), "-q"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -270,3 +273,12 @@ def test_mpi_two_ranks_equal_one_process(mp_records, tmp_path):
     m = json.loads((two / "manifest.json").read_text())
     assert m["build"]["processes"] == 2
     _same_records(_records(one), _records(two))
+
+
+def test_srun_without_mpi_is_refused(tmp_path, monkeypatch, mp_records):
+    """Two srun tasks that cannot see each other would both write every shard: refuse clearly."""
+    src = write_json(tmp_path / "src.json.gz", mp_records[:4])
+    r = subprocess.run([str(BIN / "uae-dist"), "data", "build", "--source", str(src), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, SLURM_PROCID="0", SLURM_STEP_NUM_TASKS="2"))
+    assert r.returncode == 2 and "srun" in r.stderr and "--mpi=pmix" in r.stderr

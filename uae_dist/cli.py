@@ -64,6 +64,11 @@ def cmd_data_info(a) -> int:
         print(f"uae-dist data info: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(s, indent=1) if a.json else format_summary(s))
+    if a.plot:
+        from uae_dist.data.verify import plot_summary
+
+        plot_summary(a.dir, a.plot)
+        print(f"plot → {a.plot}", file=sys.stderr if a.json else sys.stdout)
     return 0
 
 
@@ -115,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = dsub.add_parser("info", help="readable summary of a built data set")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--plot", metavar="PNG", help="also draw histograms of sizes, edges and targets")
     i.set_defaults(func=cmd_data_info)
 
     e = sub.add_parser("export", help="write the universal atomic embeddings of a checkpoint for other tools")
@@ -131,6 +137,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     return int(args.func(args) or 0)
 
 

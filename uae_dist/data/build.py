@@ -198,10 +198,17 @@ def _run_local(jobs: list, workers: int, total: int, show: bool) -> list:
 
 def mpi_world():
     """(comm, rank, size) when launched by mpirun/srun with MPI, else (None, 0, 1)."""
-    if not any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")):
+    # srun sets the step's task count; a batch script alone (one process) does not count as ranks
+    slurm_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    launched = any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"))
+    if not launched and not ("SLURM_PROCID" in os.environ and slurm_tasks > 1):
         return None, 0, 1
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
+    if comm.Get_size() == 1 and slurm_tasks > 1:
+        # every task would build everything into the same shards
+        raise BuildError(f"srun started {slurm_tasks} tasks but MPI sees one: use `srun --mpi=pmix` "
+                         "(or pmi2) so the ranks find each other, or run a single task with --workers")
     return comm, comm.Get_rank(), comm.Get_size()
 
 

@@ -154,3 +154,43 @@ def format_summary(s: dict) -> str:
     b = s["build"]
     lines.append(f"build      {b['wall_s']:.1f} s with {b['processes']} process(es), {b['records_per_s']:,.0f} records/s")
     return "\n".join(lines)
+
+
+def plot_summary(root, path) -> None:
+    """Histograms of structure size, edges per atom and every target, plus element frequencies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = json.loads((Path(root) / MANIFEST).read_text())
+    rec = m["records"]
+    natoms = np.asarray(rec["natoms"])
+    epa = np.asarray(rec["nedges"]) / np.maximum(natoms, 1)
+    names = m["targets"]["names"]
+    y = np.array([[np.nan if v is None else v for v in row] for row in rec["y"]], dtype=float).reshape(-1, len(names))
+    panels = 3 + len(names)
+    cols = 3
+    rows = -(-panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    ax = axes.ravel()
+    ax[0].hist(natoms, bins=50, color="#4c72b0")
+    ax[0].set(xlabel="atoms per structure", ylabel="structures", title=f"{len(natoms):,} structures")
+    ax[1].hist(epa, bins=50, color="#55a868")
+    ax[1].set(xlabel=f"edges per atom (cutoff {m['options']['cutoff']:g} Å)", ylabel="structures")
+    els = sorted(m["elements"].items(), key=lambda kv: -kv[1]["structures"])[:30]
+    ax[2].bar(range(len(els)), [v["structures"] for _, v in els], color="#8172b2")
+    ax[2].set_xticks(range(len(els)), [k for k, _ in els], rotation=90, fontsize=7)
+    ax[2].set(ylabel="structures containing it", title=f"{len(m['elements'])} elements (top 30)")
+    for k, name in enumerate(names):
+        v = y[:, k][np.isfinite(y[:, k])]
+        a = ax[3 + k]
+        a.hist(v, bins=60, color="#c44e52")
+        a.set(xlabel=name, ylabel="structures", title=f"n={len(v):,}")
+    for a in ax[panels:]:
+        a.axis("off")
+    c = m["counts"]
+    fig.suptitle(f"{Path(root).name}: {c['records']:,} records, {c['rejected']:,} rejected", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
