@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Pretraining throughput (structures/s) and data-parallel scaling, measured in one run.
+
+For each model variant (periodic, paper) it launches launch/train.py with torchrun on 1 and 2 CPU
+ranks (one thread each, the same atoms per rank per batch: weak scaling), and on 1 GPU when one is
+available, for a fixed number of optimizer steps, then reads the structures/s that the training
+loop itself logs (train.csv, first window dropped as warm-up) and prints
+
+    scaling efficiency = throughput(2 ranks) / (2 × throughput(1 rank))
+
+    .venv/bin/python benchmarks/pretrain_throughput.py --data data_build/mp [--steps 60]
+
+Not a test: numbers depend on the machine and on whatever else runs on it.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# the paper variant concatenates element and coordinate features: same transformer width as the
+# periodic model of configs/pretrain.yaml (d_model 64) with a 32 + 32 split
+VARIANT_OVERRIDES = {"periodic": [], "paper": ["model.emb_dim=32"]}
+BIN = Path(sys.executable).parent
+
+
+def port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(data, variant, ranks, steps, max_atoms, extra, gpu=False) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        args = ["launch/train.py", "--config", "configs/pretrain.yaml", f"data.root={data}", f"train.out_dir={out}",
+                f"model.variant={variant}", *VARIANT_OVERRIDES.get(variant, []), f"train.max_steps={steps}", "train.log_every=10", "train.resume=null",
+                "train.ckpt_every_steps=null", "train.progress=false", "train.tensorboard=false",
+                "export.after_train=false", "data.val_limit=64", f"data.max_atoms={max_atoms}", "optim.warmup_steps=5",
+                *([] if gpu else ["train.threads=1"]), *extra]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        if not gpu:
+            env["DS_ACCELERATOR"] = "cpu"
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(port()), *args]
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+        with open(out / "train.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        s = [float(r["structures_per_s"]) for r in rows[1:]] or [float(rows[0]["structures_per_s"])]
+        a = [float(r["atoms_per_s"]) for r in rows[1:]] or [float(rows[0]["atoms_per_s"])]
+        return {"variant": variant, "ranks": ranks, "device": "cuda" if gpu else "cpu",
+                "structures_per_s": statistics.median(s), "atoms_per_s": statistics.median(a)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="data_build/mp")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--max-atoms", type=int, default=256, help="atoms per batch per rank")
+    ap.add_argument("--variants", default="periodic,paper")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("overrides", nargs="*", help="extra config overrides, e.g. model.layers=8")
+    a = ap.parse_args()
+    import torch
+
+    results = []
+    for v in a.variants.split(","):
+        for r in (1, 2):
+            results.append(measure(a.data, v, r, a.steps, a.max_atoms, a.overrides))
+            print(f"{v:9s} {r} CPU rank(s): {results[-1]['structures_per_s']:8.1f} structures/s "
+                  f"{results[-1]['atoms_per_s']:9.0f} atoms/s", flush=True)
+        if torch.cuda.is_available():
+            results.append(measure(a.data, v, 1, a.steps, a.max_atoms, a.overrides, gpu=True))
+            print(f"{v:9s} 1 GPU       : {results[-1]['structures_per_s']:8.1f} structures/s", flush=True)
+    print("\nvariant    1 rank   2 ranks   speed-up  efficiency" + ("   GPU/1 CPU rank" if torch.cuda.is_available() else ""))
+    for v in a.variants.split(","):
+        one = next(x for x in results if x["variant"] == v and x["ranks"] == 1 and x["device"] == "cpu")
+        two = next(x for x in results if x["variant"] == v and x["ranks"] == 2)
+        sp = two["structures_per_s"] / one["structures_per_s"]
+        line = f"{v:9s} {one['structures_per_s']:7.1f} {two['structures_per_s']:9.1f} {sp:9.2f}x {sp / 2:10.0%}"
+        gpu = [x for x in results if x["variant"] == v and x["device"] == "cuda"]
+        if gpu:
+            line += f"   {gpu[0]['structures_per_s'] / one['structures_per_s']:10.1f}x"
+        print(line)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Real 2-rank DeepSpeed runs on CPU (gloo) under the deepspeed, torchrun and mpirun launchers."""
+import json
+
+import pytest
+import torch
+
+from _train_fixtures import latest_meta, launch, rows, tiny_lmdb
+from uae_dist.train import checkpoint as ckpt
+from uae_dist.train.distributed import expand_nodelist, resolve_env
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_lmdb(tmp_path_factory)
+
+
+def _replicas_equal(out):
+    meta = latest_meta(out)
+    assert meta["world_size"] == 2
+    digests = meta["param_sha256_per_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1], digests
+    return meta
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+@pytest.mark.timeout(240)
+def test_deepspeed_launcher_zero1_loss_falls(data, tmp_path):
+    out = tmp_path / "run"
+    launch("deepspeed", data, out, ["ds.config=configs/ds/zero1.json", "train.epochs=6", "optim.lr=0.002",
+                                    "model.dropout=0.0"])
+    meta = _replicas_equal(out)
+    assert meta["launcher"] == "deepspeed" and meta["ds_config"]["zero_optimization"]["stage"] == 1
+    assert meta["ds_config"]["train_batch_size"] == 2
+    r = rows(out)
+    first = [float(x["loss"]) for x in r if x["epoch"] == "0"]
+    last = [float(x["loss"]) for x in r if x["epoch"] == "5"]
+    assert _mean(last) < 0.8 * _mean(first), (_mean(first), _mean(last))
+    val = rows(out, "val.csv")
+    assert len(val) == 6 and int(val[-1]["n_val"]) == meta["n_val"]  # each val item counted once
+    # every file of a checkpoint loads with weights_only=True
+    d = ckpt.latest(out / "checkpoints")
+    for f in d.glob("*.pt"):
+        torch.load(f, weights_only=True)
+
+
+@pytest.mark.timeout(180)
+def test_torchrun_zero2_loss_falls(data, tmp_path):
+    out = tmp_path / "run"
+    launch("torchrun", data, out, ["ds.zero_stage=2", "train.epochs=6", "optim.lr=0.002", "model.dropout=0.0"])
+    meta = _replicas_equal(out)
+    assert meta["launcher"] == "torchrun" and meta["ds_config"]["zero_optimization"]["stage"] == 2
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    r = rows(out)
+    first = [float(x["loss"]) for x in r if x["epoch"] == "0"]
+    last = [float(x["loss"]) for x in r if x["epoch"] == "5"]
+    assert _mean(last) < 0.8 * _mean(first), (_mean(first), _mean(last))
+
+
+@pytest.mark.timeout(180)
+def test_mpirun_zero1(data, tmp_path):
+    out = tmp_path / "run"
+    launch("mpirun", data, out, ["train.epochs=1"])
+    meta = _replicas_equal(out)
+    assert meta["launcher"] == "mpi"
+
+
+def test_resolve_env_launchers():
+    i = resolve_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                     "MASTER_ADDR": "n1", "MASTER_PORT": "1234", "TORCHELASTIC_RUN_ID": "x"})
+    assert (i.rank, i.world_size, i.local_rank, i.local_world_size, i.master_addr, i.master_port, i.launcher) == \
+        (3, 8, 1, 4, "n1", 1234, "torchrun")
+    s = resolve_env({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                     "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_ID": "1001",
+                     "PATH": "/nonexistent"})
+    assert (s.rank, s.world_size, s.local_rank, s.local_world_size, s.launcher) == (5, 8, 1, 4, "slurm")
+    assert s.master_addr == "gpu07" and s.master_port == 29500 + 1001
+    # the batch shell of an sbatch job (no srun step) is a single process, not rank 0 of N
+    assert resolve_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}).world_size == 1
+    m = resolve_env({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                     "MASTER_ADDR": "h", "MASTER_PORT": "99"})
+    assert (m.rank, m.world_size, m.local_rank, m.launcher, m.master_addr) == (1, 2, 1, "mpi", "h")
+    assert resolve_env({}).launcher == "single"
+    assert expand_nodelist("a[01-03,07],b5,c[9]") == ["a01", "a02", "a03", "a07", "b5", "c9"]
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_single_gpu_bf16(data, tmp_path):
+    """On a GPU machine: nccl backend, bf16 (ds.precision=auto), fp32 consolidated weights in model.pt."""
+    out = tmp_path / "run"
+    launch("torchrun", data, out, ["train.epochs=1", "train.threads=null"], nproc=1, gpu=True)
+    meta = latest_meta(out)
+    assert meta["ds_config"]["bf16"]["enabled"] is True
+    m = ckpt.read_model(ckpt.latest(out / "checkpoints"))
+    assert all(v.dtype == torch.float32 for v in m["model"].values())
+
+
+@pytest.mark.timeout(180)
+def test_srun_environment_two_tasks(data, tmp_path):
+    """The Slurm branch of distributed.py with the environment srun gives each task (no Slurm daemons
+    here): 2 real processes, SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID, master from the node list."""
+    import subprocess
+
+    from _train_fixtures import ROOT, command, env, free_port
+
+    out = tmp_path / "run"
+    port = free_port()
+    procs = []
+    for r in (0, 1):
+        e = env()
+        e.update(SLURM_JOB_ID="4242", SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_NTASKS="2",
+                 SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="2", SLURM_STEP_NODELIST="localhost",
+                 MASTER_PORT=str(port), PATH=f"/nonexistent-scontrol:{e['PATH']}")
+        procs.append(subprocess.Popen(command("python", data, out, ["train.epochs=1"]), cwd=ROOT, env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=170)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    meta = _replicas_equal(out)
+    assert meta["launcher"] == "slurm"
