@@ -32,10 +32,11 @@ def main():
     ap.add_argument("--split", default="train")
     ap.add_argument("--max-atoms", type=int, default=512)
     ap.add_argument("--batches", type=int, default=150)
+    ap.add_argument("--cutoff", type=float, default=None, help="narrow graphs at load time (Å)")
     a = ap.parse_args()
     from uae_dist.data import CrystalGraphDataset, DistributedAtomBatchSampler
 
-    ds = CrystalGraphDataset(a.root, split=a.split)
+    ds = CrystalGraphDataset(a.root, split=a.split, cutoff=a.cutoff)
     rates = {}
     for w in (0, 2):
         s = DistributedAtomBatchSampler(ds.natoms, a.max_atoms, seed=w)

@@ -196,9 +196,14 @@ def train(cfg: C.Config) -> dict:
 
     from uae_dist.data import CrystalGraphDataset, DistributedAtomBatchSampler, collate
 
-    train_full = CrystalGraphDataset(cfg.data.root, "train")
+    # the stored graphs (8 Å by default) are cut to the model's cutoff in the loader, not in the model
+    try:
+        edge_cut = dict(cutoff=cfg.model.cutoff) if cfg.model.variant == "periodic" else {}
+        train_full = CrystalGraphDataset(cfg.data.root, "train", **edge_cut)
+        val_ds = _Head(CrystalGraphDataset(cfg.data.root, "val", **edge_cut), cfg.data.val_limit)
+    except ValueError as e:
+        raise C.ConfigError(f"model.cutoff: {e}") from None
     train_ds = _Head(train_full, cfg.data.train_limit)
-    val_ds = _Head(CrystalGraphDataset(cfg.data.root, "val"), cfg.data.val_limit)
     names = train_full.target_names
     targets = list(cfg.data.targets or names)
     unknown = [t for t in targets if t not in names]
