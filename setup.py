@@ -20,7 +20,7 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     use_cuda = bool(torch.version.cuda) and os.environ.get("UAE_FORCE_CPU", "0") != "1"
-    cxx = ["-O3", "-fopenmp", "-DNDEBUG"]
+    cxx = ["-O3", "-fopenmp", "-DNDEBUG", "-ffp-contract=off", "-fno-math-errno"]
     ext_kwargs = dict(
         name="uae_dist._C",
         sources=cpp,
@@ -30,7 +30,7 @@ def extensions():
     )
     if use_cuda:
         ext_kwargs["sources"] = cpp + sorted(glob.glob(os.path.join("csrc", "*.cu")))
-        ext_kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr"]
+        ext_kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "--fmad=false"]
         ext_kwargs["define_macros"] = [("WITH_CUDA", None)]
         ext = CUDAExtension(**ext_kwargs)
     else:

@@ -1,0 +1,36 @@
+// Operator schemas of the uae_dist extension, declared once for every backend.
+//
+// Device kernels are registered with TORCH_LIBRARY_IMPL in *_cpu.cpp / *_cuda.cu; autograd formulas and
+// fake (meta) kernels are registered from Python (uae_dist/ops/_ext.py). Importing uae_dist._C is all it
+// takes to make torch.ops.uae_dist.* available.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty Python module, so `import uae_dist._C` loads the shared library (and runs the static
+// registrations below) without linking libpython-specific pybind11 bindings.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      NULL,  // doc
+      -1,    // size of per-interpreter state
+      NULL,  // methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(uae_dist, m) {
+  // Periodic neighbour list. pos (N,3); cell (3,3) or (B,3,3); pbc (3,) or (B,3) bool; batch (N,) sorted
+  // graph ids (None: one structure). Returns i, j (E,) int64 and shift (E,3) int64 sorted by (i,j,shift).
+  // method: 0 auto, 1 pruned brute force over images, 2 cell list (CPU only; for tests/benchmarks).
+  m.def("neighbor_list(Tensor pos, Tensor cell, Tensor pbc, Tensor? batch, float cutoff, "
+        "int? max_neighbors=None, int method=0) -> (Tensor, Tensor, Tensor)");
+  // Reduce rows of src (E, ...) into dim_size rows by index (E,): reduce in {sum, mean, max, min};
+  // empty rows give 0. sorted=True promises a non-decreasing index (CSR fast path, no sort on CUDA);
+  // the CPU kernel detects sortedness itself.
+  m.def("scatter(Tensor src, Tensor index, int dim_size, str reduce, bool sorted=False) -> Tensor");
+  // Softmax of src (E, ...) over the rows that share an index value.
+  m.def("segment_softmax(Tensor src, Tensor index, int dim_size, bool sorted=False) -> Tensor");
+}
