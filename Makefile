@@ -24,7 +24,9 @@ data: install
 	$(BIN)/uae-dist data verify $(DATA) -q
 	$(BIN)/uae-dist data info $(DATA)
 
+# Short CPU pretraining on 2 ranks (configs/pretrain.yaml), then the UAE export → runs/pretrain/uae/
 pretrain: data
+	OMP_NUM_THREADS=1 $(BIN)/deepspeed --num_gpus 2 launch/train.py --config configs/pretrain.yaml data.root=$(DATA)
 
 test: install
 	$(BIN)/python -m pytest -q tests
