@@ -461,4 +461,10 @@ def _finish(status, step, best_val, out, metrics, pbar, old_handlers) -> dict:
     summary = {"status": status, "step": step, "best_val": best_val, "run_dir": str(out)}
     if D.rank() == 0:
         (Path(out) / "summary.json").write_text(json.dumps(summary, indent=1))
+        try:
+            from uae_dist.train.plots import plot_run
+
+            log.info("training curves → %s", plot_run(out))
+        except Exception as e:  # a plot is never worth failing a finished run
+            log.warning("could not plot the training curves: %s", e)
     return summary
