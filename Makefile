@@ -9,7 +9,7 @@ export DS_ACCELERATOR ?= cpu
 
 .PHONY: install data pretrain test bench clean
 
-$(VENV)/.installed: requirements.txt setup.py
+$(VENV)/.installed: requirements.txt setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -r requirements.txt
 	$(BIN)/pip install --no-build-isolation -e .
@@ -28,8 +28,9 @@ data: install
 pretrain: data
 	OMP_NUM_THREADS=1 $(BIN)/deepspeed --num_gpus 2 launch/train.py --config configs/pretrain.yaml data.root=$(DATA)
 
+# UAE_REQUIRE_EXT=1: a C++ extension that fails to load fails the tests instead of falling back
 test: install
-	$(BIN)/python -m pytest -q tests
+	UAE_REQUIRE_EXT=1 $(BIN)/python -m pytest -q tests
 
 clean:
 	rm -rf build *.egg-info uae_dist/*.so

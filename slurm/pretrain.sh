@@ -69,8 +69,9 @@ if [ "$STAGE" = 1 ]; then
   LOCAL=${SLURM_TMPDIR:-/tmp/uae-${USER:-$(id -un)}-$JOB}
   DATA_ROOT=$LOCAL/$(basename "$DATA")
   log "staging $DATA → $DATA_ROOT on every node"
+  # copy to a temporary name and rename: a copy cut short by pre-emption is never mistaken for a good one
   run srun --ntasks-per-node=1 --ntasks="${SLURM_NNODES:-1}" bash -c \
-    "mkdir -p '$LOCAL' && { [ -f '$DATA_ROOT/manifest.json' ] && cmp -s '$DATA/manifest.json' '$DATA_ROOT/manifest.json' || { rm -rf '$DATA_ROOT' && cp -r '$DATA' '$DATA_ROOT'; }; }"
+    "mkdir -p '$LOCAL' && { [ -f '$DATA_ROOT/manifest.json' ] && cmp -s '$DATA/manifest.json' '$DATA_ROOT/manifest.json' || { rm -rf '$DATA_ROOT' '$DATA_ROOT.partial' && cp -r '$DATA' '$DATA_ROOT.partial' && mv '$DATA_ROOT.partial' '$DATA_ROOT'; }; }"
 fi
 
 preempted=0
@@ -83,7 +84,8 @@ on_term() {
 trap on_term TERM USR1
 
 log "master $MASTER_ADDR:$MASTER_PORT, ${SLURM_NTASKS:-1} task(s), config $CONFIG, run dir $RUN_DIR"
-CMD=(srun --kill-on-bad-exit=1 "$PY" launch/train.py --config "$CONFIG" "data.root=$DATA_ROOT"
+# --cpus-per-task again: some Slurm versions do not pass sbatch's value on to srun
+CMD=(srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" "$PY" launch/train.py --config "$CONFIG" "data.root=$DATA_ROOT"
      "train.out_dir=$RUN_DIR" train.resume=auto train.progress=false "$@")
 if [ "$DRY" = 1 ]; then echo "+ ${CMD[*]}"; exit 0; fi
 "${CMD[@]}" &

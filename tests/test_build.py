@@ -65,6 +65,7 @@ BAD = {  # reason → record that must be rejected for it
     "no_neighbors": {"material_id": "bad-isolated", "cif": cif(a=30, b=30, c=30), "e_form_per_atom": -1.0,
                      "band_gap": 0.0},
     "label_out_of_bounds": {"material_id": "bad-label", "cif": cif(), "e_form_per_atom": -13.57, "band_gap": 0.0},
+    "non_finite_label": {"material_id": "bad-inf", "cif": cif(), "e_form_per_atom": -1.0, "band_gap": float("inf")},
 }
 
 
@@ -169,6 +170,15 @@ def test_split_is_deterministic_partition(small_build):
     assert make_split(ids, (0.8, 0.1, 0.1), 1)["train"] != sp["train"]
 
 
+def test_split_is_stable_when_records_change():
+    ids = [f"mp-{k}" for k in range(1000)]
+    a = make_split(ids)
+    b = make_split(ids[:500] + ids[501:])  # one record rejected under other bounds
+    where = {rid: part for part, members in a.items() for rid in members}
+    moved = [rid for part, members in b.items() for rid in members if where[rid] != part]
+    assert len(moved) <= 2, moved
+
+
 def test_verify_ok_then_detects_damage(small_build, tmp_path):
     out, m = small_build
     assert verify(out, progress=False) == []
@@ -189,7 +199,7 @@ def test_verify_ok_then_detects_damage(small_build, tmp_path):
 def test_cli_info_and_verify(small_build):
     out, _ = small_build
     r = subprocess.run([BIN / "uae-dist", "data", "info", str(out)], capture_output=True, text=True, check=True)
-    assert "records    40 of 46" in r.stdout and "label_out_of_bounds 1" in r.stdout
+    assert "records    40 of 47" in r.stdout and "label_out_of_bounds 1" in r.stdout
     r = subprocess.run([BIN / "uae-dist", "data", "info", str(out), "--json"], capture_output=True, text=True,
                        check=True)
     assert json.loads(r.stdout)["counts"]["records"] == 40
@@ -204,6 +214,12 @@ def test_existing_build_is_not_clobbered(small_build, small_source):
     out, _ = small_build
     with pytest.raises(BuildError, match="complete build"):
         build_lmdb(small_source[0], out, shards=3, progress=False, use_mpi=False)
+
+
+def test_empty_source_is_a_clear_error(tmp_path):
+    src = write_json(tmp_path / "empty.json.gz", [])
+    with pytest.raises((BuildError, ValueError), match="no records|empty"):
+        build_lmdb(src, tmp_path / "o", progress=False, use_mpi=False)
 
 
 def _records(out):
@@ -241,8 +257,14 @@ def test_kill_and_resume(mp_records, tmp_path):
         if shards and sum(s.stat().st_size for s in shards) > 200_000:
             break
         time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)
+    import psutil
+
+    workers = psutil.Process(p.pid).children(recursive=True)
+    assert workers, "expected worker processes"
+    os.kill(p.pid, signal.SIGKILL)  # the main process only: its workers must not outlive it
     p.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"orphaned build workers still running: {alive}"
     assert not (out / "manifest.json").exists(), "build finished before the kill; the test needs a bigger source"
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 2 and "--resume" in r.stderr

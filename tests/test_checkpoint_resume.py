@@ -93,3 +93,14 @@ def test_latest_falls_back_to_newest_complete(tmp_path):
     (tmp_path / "latest").write_text("step_00000004")
     assert ckpt.latest(tmp_path).name == "step_00000004"
     assert ckpt.resolve(tmp_path).name == "step_00000004"
+
+
+@pytest.mark.timeout(240)
+def test_resume_on_other_data_is_refused(data, tmp_path_factory, tmp_path):
+    """A checkpoint's sampler position and normaliser belong to its data build: no silent resume."""
+    out = tmp_path / "run"
+    launch("python", data, out, ["train.max_steps=2", "export.after_train=false"], nproc=1)
+    other = tiny_lmdb(tmp_path_factory, n=100)
+    p = launch("python", other, out, ["train.max_steps=4", "export.after_train=false"], nproc=1, check=False)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "another build of the data" in p.stderr

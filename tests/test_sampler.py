@@ -33,6 +33,13 @@ def test_oversized_structure_gets_its_own_batch():
     assert [1] in list(s)
 
 
+def test_unsplittable_batches_are_padded_not_refused():
+    natoms = np.array([300, 300, 300])
+    plans = [list(s) for s in samplers(natoms, 2, max_atoms=256)]
+    assert len(plans[0]) == len(plans[1]) == 2
+    assert sorted({k for p in plans for b in p for k in b}) == [0, 1, 2]
+
+
 def test_max_edges_cap():
     natoms = np.full(40, 10)
     nedges = np.full(40, 300)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -35,7 +36,8 @@ def cmd_data_build(a) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"uae-dist data build: error: {e}", file=sys.stderr)
         return 2
-    if m is not None:
+    rank = next((int(os.environ[v]) for v in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK") if v in os.environ), 0)
+    if m is not None and rank == 0:
         c = m["counts"]
         print(f"{c['records']:,} records ({c['rejected']:,} rejected, see {a.out}/rejects.jsonl) "
               f"in {m['build']['wall_s']:.1f} s = {m['build']['records_per_s']:,.0f} structures/s → {a.out}")

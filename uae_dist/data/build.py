@@ -12,6 +12,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -153,6 +155,11 @@ _PROGRESS = None
 def _init_worker(queue):
     global _PROGRESS
     _PROGRESS = queue
+    try:  # Linux: die with the parent, so a killed build leaves no writer behind to race its --resume
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         import torch
@@ -168,7 +175,7 @@ def _pool_job(job):
 def _run_local(jobs: list, workers: int, total: int, show: bool) -> list:
     from tqdm import tqdm
     bar = tqdm(total=total, desc="build", unit="rec", disable=not show, smoothing=0.05)
-    if workers <= 1 or len(jobs) == 1:
+    if workers <= 1 or len(jobs) <= 1:  # an MPI rank may own no shard at all
         class _Q:
             def put(self, n):
                 bar.update(n)
@@ -240,6 +247,21 @@ def build_lmdb(source, out_dir, *, targets=None, cutoff=8.0, max_neighbors=None,
         raise BuildError(f"{path}: sha256 {identity['source_sha256']} does not match the published "
                          f"{known.sha256} of {known.filename}; the file is damaged or a different version")
 
+    if comm is None or size == 1:
+        return _build(src, path, known, out, opts, identity, resume, overwrite, workers, commit_every, progress,
+                      None, 0, 1, t0)
+    try:
+        return _build(src, path, known, out, opts, identity, resume, overwrite, workers, commit_every, progress,
+                      comm, rank, size, t0)
+    except BaseException as e:  # one failed rank must not leave the others waiting forever
+        print(f"uae-dist data build: rank {rank}: error: {e}", file=sys.stderr, flush=True)
+        comm.Abort(2)
+        raise
+
+
+def _build(src, path, known, out, opts, identity, resume, overwrite, workers, commit_every, progress,
+           comm, rank, size, t0):
+    shards, limit = opts.shards, opts.limit
     if rank == 0:
         _prepare_out(out, identity, resume, overwrite)
     if comm is not None:
@@ -248,6 +270,8 @@ def build_lmdb(source, out_dir, *, targets=None, cutoff=8.0, max_neighbors=None,
         return json.loads((out / MANIFEST).read_text())
 
     n = len(src) if limit is None else min(limit, len(src))
+    if n == 0:
+        raise BuildError(f"{path}: the source holds no records")
     first: dict[str, int] = {}
     dup_of: dict[int, int] = {}
     for k in range(n):
@@ -330,7 +354,9 @@ def finalize(out: Path, src, path: Path, known, identity: dict, opts: BuildOptio
     if len(rows) + len(rejects) != n or got != set(range(n)):
         raise BuildError(f"shards hold {len(rows)} records + {len(rejects)} rejects for {n} source records")
     names = list(src.target_names())
-    y = np.array([[math.nan if v is None else v for v in r[2]["y"]] for r in rows], dtype=np.float64).reshape(-1, len(names))
+    y = np.full((len(rows), len(names)), math.nan)
+    for k, r in enumerate(rows):
+        y[k] = [math.nan if v is None else v for v in r[2]["y"]]
     natoms = np.array([r[2]["natoms"] for r in rows], dtype=np.int64)
     nedges = np.array([r[2]["nedges"] for r in rows], dtype=np.int64)
     atoms_per_el: dict[int, int] = {}
@@ -374,14 +400,19 @@ def finalize(out: Path, src, path: Path, known, identity: dict, opts: BuildOptio
 
 
 def make_split(ids: list[str], fractions=(0.8, 0.1, 0.1), seed: int = 0) -> dict:
-    """Seeded split by id: the same ids give the same split whatever the shard or worker count."""
+    """Seeded split by id. Ids are ordered by a seeded hash of the id itself and cut at the fractions,
+    so the split does not depend on shard or worker counts, and adding or removing a few records
+    (other bounds, other rejects) moves only the few ids at the cut points."""
+    import hashlib
+
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
         raise BuildError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
-    order = sorted(ids)
-    perm = np.random.default_rng(seed).permutation(len(order))
-    n_train = int(round(fractions[0] * len(order)))
-    n_val = int(round(fractions[1] * len(order)))
-    shuffled = [order[p] for p in perm]
+    if len(set(ids)) != len(ids):
+        raise BuildError("split needs unique ids")
+    key = lambda rid: hashlib.blake2b(f"{seed}\x00{rid}".encode(), digest_size=8).digest()  # noqa: E731
+    shuffled = sorted(ids, key=key)
+    n_train = int(round(fractions[0] * len(shuffled)))
+    n_val = int(round(fractions[1] * len(shuffled)))
     return {"train": shuffled[:n_train], "val": shuffled[n_train:n_train + n_val], "test": shuffled[n_train + n_val:]}
 
 

@@ -56,6 +56,10 @@ def validate_crystal(numbers, lattice, frac, pbc) -> None:
 
 
 def check_labels(targets: dict, bounds: dict) -> None:
+    """NaN means "not labelled"; ±inf is a broken label; values outside a sanity bound are data errors."""
+    for name, v in targets.items():
+        if v is not None and np.isinf(v):
+            raise RejectError("non_finite_label", f"{name}={v}")
     for name, (lo, hi) in bounds.items():
         v = targets.get(name)
         if v is None or not np.isfinite(v):

@@ -2,8 +2,9 @@
 
 Every rank derives the same epoch plan from (seed, epoch) alone, so no communication is needed:
 the permutation is packed greedily into batches under the cap, batches are split until their count
-divides the number of ranks (every index still appears exactly once per epoch), and rank r takes
-batches r, r+R, … . ``load_state_dict`` resumes mid-epoch by skipping the batches already consumed.
+divides the number of ranks (every index still appears exactly once per epoch; only when nothing is
+left to split — every batch one oversized structure — are the first batches repeated), and rank r
+takes batches r, r+R, … . ``load_state_dict`` resumes mid-epoch by skipping the batches already consumed.
 """
 from __future__ import annotations
 
@@ -60,7 +61,10 @@ class DistributedAtomBatchSampler:
             big = max(range(len(batches)), key=lambda b: (len(batches[b]) > 1, int(self.natoms[batches[b]].sum())))
             b = batches[big]
             if len(b) < 2:
-                raise ValueError("cannot give every rank the same number of batches")
+                # only single-structure batches left: repeat the first ones (as DistributedSampler
+                # pads) rather than let one rank wait for a step the others never take
+                batches += batches[: self.num_replicas - len(batches) % self.num_replicas]
+                break
             half = len(b) // 2
             batches[big:big + 1] = [b[:half], b[half:]]
         self._plan = batches

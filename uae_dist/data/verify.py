@@ -24,6 +24,11 @@ def verify(root, decode: bool = True, progress: bool = True) -> list[str]:
         m = json.loads(mp.read_text())
     except json.JSONDecodeError as e:
         return [f"{mp}: not valid JSON ({e})"]
+    missing = [k for k in ("records", "counts", "shards") if k not in m]
+    missing += [f"records.{k}" for k in ("ids", "source_index", "shard", "natoms", "nedges", "y")
+                if "records" in m and k not in m["records"]]
+    if missing:
+        return [f"{mp}: missing {', '.join(missing)} (not a uae-dist manifest, or damaged)"]
     rec = m["records"]
     n = len(rec["ids"])
     for key in ("source_index", "shard", "natoms", "nedges", "y"):

@@ -261,6 +261,12 @@ def train(cfg: C.Config) -> dict:
         resume_from = ckpt.resolve(tc.resume)
     if resume_from is not None:
         mk = ckpt.read_model(resume_from)
+        was = mk["meta"].get("data_manifest_sha256")
+        if was and was != train_full.manifest_sha256:
+            # the sampler position and normaliser belong to the old data: an exact resume is impossible
+            raise C.ConfigError(f"{resume_from} was trained on another build of the data (manifest sha256 "
+                                f"{was[:12]}… ≠ {train_full.manifest_sha256[:12]}…); start a new train.out_dir "
+                                "with train.init_from=<checkpoint> to warm-start instead")
         engine.module.load_state_dict({k: v.to(device) for k, v in mk["model"].items()})
         rk = ckpt.read_rank(resume_from, info.rank)
         ckpt.load_optimizer_state(engine, rk["optimizer"])
