@@ -16,13 +16,14 @@ are listed in the card (``elements_unseen``) and flagged by ``seen`` / ``load_ua
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from uae_dist.data.lmdb_store import file_sha256
 
 ALL_FORMATS = ("safetensors", "npz", "atom_init", "json", "csv")
 N_ELEMENTS = 100
@@ -32,14 +33,6 @@ def symbols() -> list[str]:
     from pymatgen.core.periodic_table import Element
 
     return [Element.from_Z(z).symbol for z in range(1, N_ELEMENTS + 1)]
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def embedding_from_checkpoint(path) -> tuple[np.ndarray, dict]:
@@ -108,7 +101,7 @@ def export(checkpoint, out_dir, formats=None, only_seen: bool = False) -> dict:
         "uae_dist_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "checkpoint": str(ck_file),
-        "checkpoint_sha256": _sha256(ck_file),
+        "checkpoint_sha256": file_sha256(ck_file),
         "checkpoint_step": meta.get("step"),
         "model": {"name": config["model"]["name"], "variant": config["model"]["variant"],
                   "embedding_dim": int(table.shape[1])},
@@ -123,7 +116,7 @@ def export(checkpoint, out_dir, formats=None, only_seen: bool = False) -> dict:
         "atom_counts_in_training": {syms[k]: int(counts[k]) for k in range(N_ELEMENTS) if seen[k]},
         "only_seen_in_text_files": bool(only_seen),
         "config": config,
-        "files": {f: _sha256(out / f) for f in files},
+        "files": {f: file_sha256(out / f) for f in files},
     }
     (out / "model_card.json").write_text(json.dumps(card, indent=1))
     return card
