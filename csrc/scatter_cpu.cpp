@@ -57,6 +57,24 @@ int64_t row_grain(int64_t E, int64_t rows, int64_t F) {
 
 enum Op { kSum = 0, kMean = 1, kMax = 2, kMin = 3 };
 
+// a[f] (+)= x[f] over one row of F features; max/min propagate NaN as torch.scatter_reduce does.
+template <typename acc_t, typename scalar_t>
+inline void accumulate(Op op, acc_t* a, const scalar_t* x, int64_t F) {
+  if (op == kSum || op == kMean) {
+    for (int64_t f = 0; f < F; ++f) a[f] += acc_t(x[f]);
+  } else if (op == kMax) {
+    for (int64_t f = 0; f < F; ++f) {
+      const acc_t v = acc_t(x[f]);
+      a[f] = (v > a[f] || v != v) ? v : a[f];
+    }
+  } else {
+    for (int64_t f = 0; f < F; ++f) {
+      const acc_t v = acc_t(x[f]);
+      a[f] = (v < a[f] || v != v) ? v : a[f];
+    }
+  }
+}
+
 template <typename scalar_t>
 void scatter_rows(const scalar_t* src, int64_t E, int64_t F, const CSR& c, int64_t rows, Op op, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -76,22 +94,7 @@ void scatter_rows(const scalar_t* src, int64_t E, int64_t F, const CSR& c, int64
         const scalar_t* x = src + (perm ? perm[e0] : e0) * F;
         for (int64_t f = 0; f < F; ++f) a[f] = acc_t(x[f]);
       }
-      for (int64_t e = e0 + 1; e < e1; ++e) {
-        const scalar_t* x = src + (perm ? perm[e] : e) * F;
-        if (op == kSum || op == kMean) {
-          for (int64_t f = 0; f < F; ++f) a[f] += acc_t(x[f]);
-        } else if (op == kMax) {
-          for (int64_t f = 0; f < F; ++f) {
-            const acc_t v = acc_t(x[f]);
-            a[f] = (v > a[f] || v != v) ? v : a[f];
-          }
-        } else {
-          for (int64_t f = 0; f < F; ++f) {
-            const acc_t v = acc_t(x[f]);
-            a[f] = (v < a[f] || v != v) ? v : a[f];
-          }
-        }
-      }
+      for (int64_t e = e0 + 1; e < e1; ++e) accumulate(op, a, src + (perm ? perm[e] : e) * F, F);
       if (op == kMean) {
         const acc_t n = acc_t(e1 - e0);
         for (int64_t f = 0; f < F; ++f) o[f] = scalar_t(a[f] / n);
@@ -116,13 +119,7 @@ void softmax_rows(const scalar_t* src, int64_t E, int64_t F, const CSR& c, int64
         const scalar_t* x = src + (perm ? perm[e0] : e0) * F;
         for (int64_t f = 0; f < F; ++f) mx[f] = acc_t(x[f]);
       }
-      for (int64_t e = e0 + 1; e < e1; ++e) {
-        const scalar_t* x = src + (perm ? perm[e] : e) * F;
-        for (int64_t f = 0; f < F; ++f) {
-          const acc_t v = acc_t(x[f]);
-          mx[f] = (v > mx[f] || v != v) ? v : mx[f];
-        }
-      }
+      for (int64_t e = e0 + 1; e < e1; ++e) accumulate(kMax, mx.data(), src + (perm ? perm[e] : e) * F, F);
       std::fill(sm.begin(), sm.end(), acc_t(0));
       for (int64_t e = e0; e < e1; ++e) {
         const int64_t row = perm ? perm[e] : e;
@@ -166,21 +163,11 @@ void scatter_stream(const scalar_t* src, const int64_t* idx, int64_t E, int64_t 
         if (r < r0 || r >= r1) continue;
         acc_t* a = acc.data() + (r - r0) * F;
         const scalar_t* x = src + e * F;
-        if (op <= kMean) {
-          for (int64_t f = 0; f < F; ++f) a[f] += acc_t(x[f]);
-        } else if (!seen[r - r0]) {
+        if (op >= kMax && !seen[r - r0]) {  // the first value of a row starts its max/min
           seen[r - r0] = 1;
           for (int64_t f = 0; f < F; ++f) a[f] = acc_t(x[f]);
-        } else if (op == kMax) {
-          for (int64_t f = 0; f < F; ++f) {
-            const acc_t v = acc_t(x[f]);
-            a[f] = (v > a[f] || v != v) ? v : a[f];
-          }
         } else {
-          for (int64_t f = 0; f < F; ++f) {
-            const acc_t v = acc_t(x[f]);
-            a[f] = (v < a[f] || v != v) ? v : a[f];
-          }
+          accumulate(op, a, x, F);
         }
       }
       for (int64_t r = r0; r < r1; ++r) {
@@ -215,10 +202,7 @@ void softmax_stream(const scalar_t* src, const int64_t* idx, int64_t E, int64_t 
           seen[r - r0] = 1;
           for (int64_t f = 0; f < F; ++f) m[f] = acc_t(x[f]);
         } else {
-          for (int64_t f = 0; f < F; ++f) {
-            const acc_t v = acc_t(x[f]);
-            m[f] = (v > m[f] || v != v) ? v : m[f];
-          }
+          accumulate(kMax, m, x, F);
         }
       }
       for (int64_t e = 0; e < E; ++e) {
