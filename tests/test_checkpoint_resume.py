@@ -27,7 +27,7 @@ def reference(data, tmp_path_factory):
 
 
 def _final_weights(out):
-    return ckpt.read_model(ckpt.latest(out / "checkpoints"))["model"]
+    return ckpt.read_model(ckpt.latest(out / "checkpoints"))["weights"]
 
 
 def _same_as_reference(out, ref):
@@ -87,7 +87,8 @@ def test_nonfinite_loss_stops_with_step_and_ids(data, tmp_path):
 def test_latest_falls_back_to_newest_complete(tmp_path):
     for name in ("step_00000004", "step_00000008", "step_00000012.tmp"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "model.pt").write_bytes(b"")
+        (tmp_path / name / "model.safetensors").write_bytes(b"")
+        (tmp_path / name / "state.json").write_text("{}")
     (tmp_path / "latest").write_text("step_00000016")  # killed between swap and rename
     assert ckpt.latest(tmp_path).name == "step_00000008"
     (tmp_path / "latest").write_text("step_00000004")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from uae_dist.config import Config, ConfigError, from_dict, load_config, to_dict
-from uae_dist.train.engine import ds_config, lr_at
+from uae_dist.train.optim import ds_config, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,24 +41,31 @@ def test_unknown_key_in_yaml(tmp_path):
         load_config(p)
 
 
-@pytest.mark.parametrize("name", ["pretrain.yaml", "pretrain_full.yaml", "pretrain_smoke.yaml"])
+@pytest.mark.parametrize("name", ["pretrain", "pretrain_full", "pretrain_smoke", "configs/pretrain.yaml"])
 def test_shipped_configs_load(name):
-    assert isinstance(load_config(ROOT / "configs" / name), Config)
+    assert isinstance(load_config(name), Config)
 
 
 def test_ds_json_and_batch_fields():
-    for f in sorted((ROOT / "configs" / "ds").glob("*.json")):
+    for f in sorted((ROOT / "uae_dist" / "configs" / "ds").glob("*.json")):
         json.loads(f.read_text())
-    cfg = load_config(None, ["ds.config=configs/ds/zero2.json", "train.grad_accum=3"])
+    cfg = load_config(None, ["ds.config=zero2", "train.grad_accum=3"])
     d = ds_config(cfg, world=4, on_gpu=False)
     assert d["train_batch_size"] == 12 and d["train_micro_batch_size_per_gpu"] == 1
     assert d["gradient_accumulation_steps"] == 3 and d["zero_optimization"]["stage"] == 2
     assert d["bf16"]["enabled"] is False and ds_config(cfg, 1, on_gpu=True)["bf16"]["enabled"] is True
     cfg.ds.precision = "bf16"
-    assert ds_config(cfg, 1, on_gpu=False)["bf16"]["enabled"] is True
+    bf = ds_config(cfg, 1, on_gpu=False)
+    assert bf["bf16"]["enabled"] is True
+    # gradients accumulate and are reduced in fp32 under bf16 (issue 7.5)
+    assert bf["data_types"]["grad_accum_dtype"] == "fp32" and bf["communication_data_type"] == "fp32"
+    cfg.ds.zero_stage = 0  # DeepSpeed's stage-0 bf16 would accumulate in bf16: refused
+    with pytest.raises(ConfigError, match="ZeRO stage 1 or 2"):
+        ds_config(cfg, 1, on_gpu=False)
 
 
 def test_lr_schedule():
     oc = load_config(None, ["optim.warmup_steps=10", "optim.lr=1.0", "optim.min_lr_ratio=0.1"]).optim
-    assert lr_at(0, 100, oc) == pytest.approx(0.1) and lr_at(9, 100, oc) == pytest.approx(1.0)
-    assert lr_at(100, 100, oc) == pytest.approx(0.1)
+    assert lr_at(0, 0.0, oc) == pytest.approx(0.1) and lr_at(9, 0.09, oc) == pytest.approx(1.0)
+    assert lr_at(100, 1.0, oc) == pytest.approx(0.1)
+    assert lr_at(50, 0.5, oc) == pytest.approx(0.55)  # cosine in the fraction of the run done

@@ -29,7 +29,7 @@ def _mean(xs):
 @pytest.mark.timeout(240)
 def test_deepspeed_launcher_zero1_loss_falls(data, tmp_path):
     out = tmp_path / "run"
-    launch("deepspeed", data, out, ["ds.config=configs/ds/zero1.json", "train.epochs=6", "optim.lr=0.002",
+    launch("deepspeed", data, out, ["ds.config=zero1", "train.epochs=6", "optim.lr=0.002",
                                     "model.dropout=0.0"])
     meta = _replicas_equal(out)
     assert meta["launcher"] == "deepspeed" and meta["ds_config"]["zero_optimization"]["stage"] == 1
@@ -89,13 +89,13 @@ def test_resolve_env_launchers():
 @pytest.mark.gpu
 @pytest.mark.timeout(300)
 def test_single_gpu_bf16(data, tmp_path):
-    """On a GPU machine: nccl backend, bf16 (ds.precision=auto), fp32 consolidated weights in model.pt."""
+    """On a GPU machine: nccl backend, bf16 (ds.precision=auto), fp32 consolidated weights in model.safetensors."""
     out = tmp_path / "run"
     launch("torchrun", data, out, ["train.epochs=1", "train.threads=null"], nproc=1, gpu=True)
     meta = latest_meta(out)
     assert meta["ds_config"]["bf16"]["enabled"] is True
     m = ckpt.read_model(ckpt.latest(out / "checkpoints"))
-    assert all(v.dtype == torch.float32 for v in m["model"].values())
+    assert all(v.dtype == torch.float32 for v in m["weights"].values() if v.is_floating_point())
 
 
 @pytest.mark.timeout(180)

@@ -125,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--plot", metavar="PNG", help="also draw histograms of sizes, edges and targets")
     i.set_defaults(func=cmd_data_info)
 
+    pt = sub.add_parser("pretrain", help="pretrain a CrystalTransformer (any launcher) and export "
+                        "its UAE", description="Run under deepspeed, torchrun, mpirun or srun as "
+                        "it is; see uae_dist/jobs.py for the forms and exit codes.")
+    from uae_dist import jobs
+
+    jobs.add_arguments(pt, "pretrain")
+    pt.set_defaults(func=jobs.pretrain)
+
     e = sub.add_parser("export", help="write the universal atomic embeddings of a checkpoint for other tools")
     try:
         from uae_dist import export as _export
@@ -137,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "pretrain":  # the engine sets up its own per-rank logging
+        return int(args.func(args) or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)

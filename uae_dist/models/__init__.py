@@ -1,42 +1,69 @@
-"""Model registry: ``build_model(cfg.model, targets)``; future backbones (cgcnn, alignn, megnet) register here.
+"""Model registry: every backbone registers a builder and its typed config section.
 
-Every model takes a ``torch_geometric`` batch, returns (B, T) predictions in normalised units, owns a
-``normalizer`` (per-target mean/std buffers) and exposes ``element_embedding() -> (100, d)``
-(rows Z = 1..100).
+    @register("cgcnn", CGCNNConfig)
+    def _build(cfg: CGCNNConfig, targets: list[str]) -> nn.Module: ...
+
+The contract the training engine relies on:
+
+* ``model(batch)`` takes a ``torch_geometric`` batch of crystal graphs (fields ``z``, ``pos``,
+  ``cell``, ``edge_index`` (centre i; neighbour j), ``shift``, ``batch``) and returns (B, T)
+  predictions in *normalised* units (the engine owns the per-target normaliser, in float64);
+* ``cfg.graph()`` says how the stored graphs (8 Å, every periodic image) are narrowed in the loader
+  for this model (``{"cutoff": 4.0}``, ``{"cutoff": 8.0, "max_neighbors": 12}``, …);
+* optional ``model.element_embedding() -> (100, d)`` (row k is element Z = k + 1): the UAE;
+* optional ``model.lr_scale: dict[str, float]``: parameter-name prefix → learning-rate multiplier
+  (0 freezes by convention; prefer ``requires_grad=False`` for a frozen table).
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable
 
-from .crystal_transformer import CrystalTransformer, PaperCrystalTransformer
-from .heads import MultiTaskHeads, Normalizer, masked_loss
-
-MODELS: dict[str, Callable] = {}
+MODELS: dict[str, tuple[type, Callable]] = {}
 
 
-def register(name: str):
+@dataclass
+class ModelConfig:
+    """Base of every model section; ``name`` selects the registered backbone."""
+
+    name: str = "crystal_transformer"
+
+    def graph(self) -> dict:
+        """Loader-side narrowing of the stored graphs (keyword arguments of the dataset)."""
+        return {}
+
+    def check(self) -> None:
+        """Cross-field checks beyond the per-field bounds; raise ``ValueError`` naming the keys."""
+
+
+def register(name: str, config_cls: type):
+    if not (dataclasses.is_dataclass(config_cls) and issubclass(config_cls, ModelConfig)):
+        raise TypeError(f"{config_cls!r} must be a dataclass deriving from ModelConfig")
+
     def deco(fn):
-        MODELS[name] = fn
+        MODELS[name] = (config_cls, fn)
         return fn
     return deco
 
 
-@register("crystal_transformer")
-def _crystal_transformer(mc, targets):
-    kw = dict(emb_dim=mc.emb_dim, d_model=mc.d_model, layers=mc.layers, heads=mc.heads, ffn_dim=mc.ffn_dim,
-              dropout=mc.dropout, head_hidden=mc.head_hidden)
-    if mc.variant == "paper":
-        return PaperCrystalTransformer(targets, **kw)
-    if mc.variant == "periodic":
-        return CrystalTransformer(targets, cutoff=mc.cutoff, n_rbf=mc.n_rbf, **kw)
-    raise ValueError(f"unknown crystal_transformer variant {mc.variant!r} (periodic | paper)")
+def model_config_class(name: str) -> type:
+    _load_builtin()
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS))}")
+    return MODELS[name][0]
 
 
-def build_model(model_cfg, targets):
+def build_model(model_cfg: ModelConfig, targets):
+    _load_builtin()
     if model_cfg.name not in MODELS:
         raise ValueError(f"unknown model {model_cfg.name!r}; registered: {', '.join(sorted(MODELS))}")
-    return MODELS[model_cfg.name](model_cfg, list(targets))
+    return MODELS[model_cfg.name][1](model_cfg, list(targets))
 
 
-__all__ = ["MODELS", "register", "build_model", "CrystalTransformer", "PaperCrystalTransformer",
-           "MultiTaskHeads", "Normalizer", "masked_loss"]
+def _load_builtin() -> None:
+    """Import the built-in backbones (each registers itself on import)."""
+    from . import crystal_transformer  # noqa: F401
+
+
+__all__ = ["MODELS", "ModelConfig", "register", "build_model", "model_config_class"]

@@ -19,18 +19,26 @@ the cutoff, even for an atom whose only neighbour is leaving.
 ``paper`` — the published recipe (Jin et al., Nat. Commun. 16, 1210, 2025): one-hot(Z) →
 Linear(100, 128) ‖ Linear(3, d_model-128) on Cartesian coordinates, a plain transformer encoder over
 the atoms of each crystal (padding mask), first-token readout. Not invariant to rotation,
-translation, permutation or supercells; kept for an honest comparison. Its UAE is Linear(100,128).weight.T.
+translation, permutation or supercells; kept for an honest comparison. Its UAE is the vector the
+model actually feeds forward for element Z, ``Linear(100, 128)(onehot(Z)) = W[:, Z-1] + b``.
+
+Neither variant owns a normaliser: predictions are in normalised units and the training engine
+keeps the per-target mean/std (float64) beside the weights, so bf16 engines never round them.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from uae_dist.fields import bounded
 from uae_dist.ops import edge_vectors, scatter, segment_softmax
 
-from .heads import MultiTaskHeads, Normalizer
+from . import ModelConfig, register
+from .heads import MultiTaskHeads
 
 N_ELEMENTS = 100  # Z = 1..100
 
@@ -40,6 +48,37 @@ def _batch_vector(data, n_atoms: int, device) -> tuple[torch.Tensor, int]:
     if b is None:
         return torch.zeros(n_atoms, dtype=torch.long, device=device), 1
     return b, int(data.num_graphs)
+
+
+@dataclass
+class CrystalTransformerConfig(ModelConfig):
+    name: str = "crystal_transformer"
+    variant: str = "periodic"          # periodic (edge attention, invariant) | paper (published recipe)
+    emb_dim: int = bounded(128, ge=1)  # width of the per-element embedding = the UAE
+    d_model: int = bounded(256, ge=1)
+    layers: int = bounded(8, ge=1)
+    heads: int = bounded(8, ge=1)
+    ffn_dim: int = bounded(512, ge=1)
+    dropout: float = bounded(0.1, ge=0, lt=1)
+    cutoff: float = bounded(8.0, gt=0)  # Å; edges beyond it are dropped, a smooth envelope inside
+    n_rbf: int = bounded(32, ge=1)
+    head_hidden: int | None = bounded(None, ge=1)  # hidden width of each target head (d_model)
+    checkpoint_activations: bool = False  # recompute each block in backward: less memory, ~1.3x time
+
+    def graph(self) -> dict:
+        # the stored graphs (8 Å by default) are cut to the model's cutoff in the loader
+        return {"cutoff": self.cutoff} if self.variant == "periodic" else {}
+
+    def check(self) -> None:
+        if self.variant not in ("periodic", "paper"):
+            raise ValueError(f"model.variant={self.variant!r}: must be one of periodic, paper")
+        if self.d_model % self.heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by "
+                             f"model.heads={self.heads}")
+        if self.variant == "paper" and self.d_model <= self.emb_dim:
+            raise ValueError(f"model.variant=paper concatenates element ({self.emb_dim}) and "
+                             f"coordinate features: model.d_model={self.d_model} must exceed "
+                             "model.emb_dim")
 
 
 class GaussianRBF(nn.Module):
@@ -118,10 +157,12 @@ class CrystalTransformer(nn.Module):
 
     def __init__(self, targets: list[str], emb_dim: int = 128, d_model: int = 256, layers: int = 8,
                  heads: int = 8, ffn_dim: int = 512, dropout: float = 0.1, cutoff: float = 8.0,
-                 n_rbf: int = 32, head_hidden: int | None = None):
+                 n_rbf: int = 32, head_hidden: int | None = None,
+                 checkpoint_activations: bool = False):
         super().__init__()
         self.targets = list(targets)
         self.cutoff = float(cutoff)
+        self.checkpoint_activations = checkpoint_activations
         self.embed = nn.Embedding(N_ELEMENTS, emb_dim)  # row Z-1: the universal atomic embedding
         nn.init.normal_(self.embed.weight, std=1.0)
         self.proj = nn.Linear(emb_dim, d_model)
@@ -130,7 +171,6 @@ class CrystalTransformer(nn.Module):
                                     for _ in range(layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.heads = MultiTaskHeads(d_model, len(self.targets), head_hidden, dropout)
-        self.normalizer = Normalizer(len(self.targets))
 
     def element_embedding(self) -> torch.Tensor:
         """(100, emb_dim): row k is element Z = k + 1."""
@@ -154,7 +194,10 @@ class CrystalTransformer(nn.Module):
         rbf = self.rbf(d).to(x.dtype)
         log_env = torch.log(cosine_envelope(d, self.cutoff).clamp_min(1e-30)).to(x.dtype)
         for blk in self.blocks:
-            x = blk(x, layout, rbf, log_env)
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                x = checkpoint(blk, x, layout, rbf, log_env, use_reentrant=False)
+            else:
+                x = blk(x, layout, rbf, log_env)
         pooled = scatter(self.ln_f(x), batch, n_graphs, "mean")
         return self.heads(pooled)
 
@@ -165,7 +208,8 @@ class PaperCrystalTransformer(nn.Module):
     variant = "paper"
 
     def __init__(self, targets: list[str], emb_dim: int = 128, d_model: int = 256, layers: int = 8,
-                 heads: int = 8, ffn_dim: int = 512, dropout: float = 0.1, head_hidden: int | None = None, **_):
+                 heads: int = 8, ffn_dim: int = 512, dropout: float = 0.1,
+                 head_hidden: int | None = None, checkpoint_activations: bool = False, **_):
         super().__init__()
         if d_model <= emb_dim:
             raise ValueError(f"paper variant needs d_model > emb_dim (coordinates get d_model - emb_dim), "
@@ -176,12 +220,13 @@ class PaperCrystalTransformer(nn.Module):
         layer = nn.TransformerEncoderLayer(d_model, heads, ffn_dim, dropout, batch_first=True, norm_first=True,
                                            activation="gelu")
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.checkpoint_activations = checkpoint_activations
         self.ln_f = nn.LayerNorm(d_model)
         self.heads = MultiTaskHeads(d_model, len(self.targets), head_hidden, dropout)
-        self.normalizer = Normalizer(len(self.targets))
 
     def element_embedding(self) -> torch.Tensor:
-        return self.atom.weight.detach().t()
+        """(100, emb_dim): the vector the model feeds forward for element Z (row Z - 1), W^T + b."""
+        return (self.atom.weight.t() + self.atom.bias).detach()
 
     def forward(self, data) -> torch.Tensor:
         from torch_geometric.utils import to_dense_batch
@@ -191,5 +236,20 @@ class PaperCrystalTransformer(nn.Module):
         x = torch.cat([self.atom(onehot), self.coord(data.pos.to(onehot.dtype))], dim=-1)
         batch, _ = _batch_vector(data, z.shape[0], z.device)
         dense, mask = to_dense_batch(x, batch)
-        out = self.encoder(dense, src_key_padding_mask=~mask)
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            out = dense
+            for layer in self.encoder.layers:
+                out = checkpoint(layer, out, src_key_padding_mask=~mask, use_reentrant=False)
+        else:
+            out = self.encoder(dense, src_key_padding_mask=~mask)
         return self.heads(self.ln_f(out[:, 0]))
+
+
+@register("crystal_transformer", CrystalTransformerConfig)
+def _build(mc: CrystalTransformerConfig, targets):
+    kw = dict(emb_dim=mc.emb_dim, d_model=mc.d_model, layers=mc.layers, heads=mc.heads,
+              ffn_dim=mc.ffn_dim, dropout=mc.dropout, head_hidden=mc.head_hidden,
+              checkpoint_activations=mc.checkpoint_activations)
+    if mc.variant == "paper":
+        return PaperCrystalTransformer(targets, **kw)
+    return CrystalTransformer(targets, cutoff=mc.cutoff, n_rbf=mc.n_rbf, **kw)

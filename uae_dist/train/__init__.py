@@ -1,0 +1,1 @@
+"""The training engine shared by pretraining and fine-tuning (see ``loop.py``)."""

@@ -5,12 +5,14 @@
 1. ``RANK``/``WORLD_SIZE`` (torchrun, ``deepspeed`` launcher, any env:// launcher)
 2. Slurm step (``srun``): ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS``/``SLURM_LOCALID``, master = first host of
    ``SLURM_STEP_NODELIST`` (``scontrol show hostnames``, else parsed here), port from the job id
-3. MPI (``mpirun``): ``OMPI_COMM_WORLD_*`` or ``PMI_*`` env; rank 0's host name is broadcast with mpi4py
-   when it is importable, else 127.0.0.1
+3. MPI (``mpirun``): ``OMPI_COMM_WORLD_*`` or ``PMI_*`` env; rank 0's host name is broadcast with
+   mpi4py; without mpi4py a job on one node uses 127.0.0.1, and a job across nodes must set
+   ``MASTER_ADDR``/``MASTER_PORT`` (an error says so, instead of every node meeting itself)
 4. nothing: one process on 127.0.0.1 and a free port
 
 ``setup_distributed`` exports the result as env:// variables and calls ``deepspeed.init_distributed``
-(gloo on CPU, nccl on GPU). A plain ``python launch/train.py`` is a world of one.
+(gloo on CPU, nccl on GPU) on the rank's visible GPU (``pick_device``). A plain
+``python launch/train.py`` is a world of one.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class DistInfo:
     launcher: str = "single"
     backend: str = "gloo"
     device: str = "cpu"
+    device_index: int = -1  # the CUDA device this rank drives (DeepSpeed's device_rank), -1 on CPU
 
     @property
     def is_main(self) -> bool:
@@ -120,18 +123,27 @@ def resolve_env(env=None) -> DistInfo:
                           ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK", "PMIX_LOCAL_SIZE")):
         if r in env and s in env:
             rank, ws = int(env[r]), int(env[s])
+            local_ws = int(env.get(lws, ws))
             addr = env.get("MASTER_ADDR")
             if addr is None or port is None:
-                addr2, port2 = _mpi_bcast_master(rank)
+                addr2, port2 = _mpi_bcast_master(rank, multi_node=local_ws < ws)
                 addr, port = addr or addr2, port or port2
-            return DistInfo(rank, ws, int(env.get(lr, 0)), int(env.get(lws, ws)), addr, port, "mpi")
+            return DistInfo(rank, ws, int(env.get(lr, 0)), local_ws, addr, port, "mpi")
     return DistInfo(0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"), port or free_port(), "single")
 
 
-def _mpi_bcast_master(rank: int) -> tuple[str, int]:
+class LaunchError(RuntimeError):
+    pass
+
+
+def _mpi_bcast_master(rank: int, multi_node: bool) -> tuple[str, int]:
     try:
         from mpi4py import MPI
     except ImportError:
+        if multi_node:
+            raise LaunchError("mpirun across nodes needs mpi4py (pip install mpi4py) to find rank "
+                              "0's host, or MASTER_ADDR and MASTER_PORT exported to every rank "
+                              "(mpirun -x MASTER_ADDR=<rank-0 host> -x MASTER_PORT=29500)") from None
         return "127.0.0.1", DEFAULT_PORT
     comm = MPI.COMM_WORLD
     mine = (socket.gethostname(), free_port()) if rank == 0 else None
@@ -139,6 +151,22 @@ def _mpi_bcast_master(rank: int) -> tuple[str, int]:
     if host == socket.gethostname():
         host = "127.0.0.1"
     return host, port
+
+
+def pick_device(local_rank: int, local_world_size: int, visible: int) -> int:
+    """The CUDA device index for a rank that sees ``visible`` devices.
+
+    One visible device (Slurm ``--gpus-per-task=1`` or ``--gpu-bind``, or CUDA_VISIBLE_DEVICES set
+    per rank) is that rank's device; a node-wide view (all of the node's GPUs visible to every
+    rank) gives device ``local_rank``."""
+    if visible < 1:
+        raise LaunchError("no CUDA device is visible to this rank")
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise LaunchError(f"local rank {local_rank} of {local_world_size} sees only {visible} GPUs: "
+                      "run one task per GPU (e.g. srun --gpus-per-task=1)")
 
 
 def setup_distributed(backend: str = "auto", timeout_min: float = 30.0) -> DistInfo:
@@ -151,13 +179,18 @@ def setup_distributed(backend: str = "auto", timeout_min: float = 30.0) -> DistI
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    info.device = f"cuda:{info.local_rank}" if on_gpu else "cpu"
+    if on_gpu:
+        info.device_index = pick_device(info.local_rank, info.local_world_size,
+                                        torch.cuda.device_count())
+        info.device = f"cuda:{info.device_index}"
+    else:
+        info.device = "cpu"
     info.backend = ("nccl" if on_gpu else "gloo") if backend == "auto" else backend
     os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
                       LOCAL_WORLD_SIZE=str(info.local_world_size), MASTER_ADDR=info.master_addr,
                       MASTER_PORT=str(info.master_port))
     if on_gpu:
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(torch.device(info.device))
     import deepspeed
 
     if not torch.distributed.is_initialized():
