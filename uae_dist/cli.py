@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs.add_arguments(pt, "pretrain")
     pt.set_defaults(func=jobs.pretrain)
+    ft = sub.add_parser("finetune", help="train a backbone (any launcher) and test it",
+                        description="The same engine, launchers and outputs as pretrain, without "
+                        "the export; see uae_dist/jobs.py.")
+    jobs.add_arguments(ft, "finetune")
+    ft.set_defaults(func=jobs.finetune)
 
     e = sub.add_parser("export", help="write the universal atomic embeddings of a checkpoint for other tools")
     try:
@@ -145,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "pretrain":  # the engine sets up its own per-rank logging
+    if args.command in ("pretrain", "finetune"):  # the engine sets up its own per-rank logging
         return int(args.func(args) or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -1,6 +1,10 @@
 """Jobs as launchers run them: parse the config, run the training engine, export.
 
+Pretraining and fine-tuning run the same engine (``uae_dist.train.loop.run``); they differ in the
+model, its atom features and the data, and pretraining exports its element table at the end.
+
     uae-dist pretrain --config pretrain [section.key=value …]          # one process
+    uae-dist finetune --config FILE [section.key=value …]
     deepspeed --num_gpus 2 launch/train.py --config pretrain …          # (DS_ACCELERATOR=cpu on CPU)
     deepspeed --num_gpus 2 --module uae_dist.cli pretrain --config …    # from an installed package
     torchrun --nproc_per_node 2 -m uae_dist.cli pretrain --config …
@@ -44,6 +48,15 @@ def _export(cfg, summary: dict) -> None:
 
 def pretrain(args) -> int:
     """Run a pretraining job (all ranks call this); rank 0 exports the UAE when it finishes."""
+    return _job(args, export=True)
+
+
+def finetune(args) -> int:
+    """Run a fine-tuning job (all ranks call this): train, then test the best checkpoint."""
+    return _job(args, export=False)
+
+
+def _job(args, export: bool) -> int:
     if "DS_ACCELERATOR" not in os.environ:
         import torch
 
@@ -61,7 +74,8 @@ def pretrain(args) -> int:
 
     try:
         summary = run(cfg)
-        if summary["status"] == "finished" and cfg.export.after_train and D.rank() == 0:
+        done = summary["status"] == "finished"
+        if export and done and cfg.export.after_train and D.rank() == 0:
             _export(cfg, summary)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -84,3 +98,10 @@ def main_pretrain(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p, "pretrain")
     return pretrain(p.parse_args(argv))
+
+
+def main_finetune(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p, "finetune")
+    return finetune(p.parse_args(argv))
