@@ -24,13 +24,14 @@ data: install
 	$(BIN)/uae-dist data verify $(DATA) -q
 	$(BIN)/uae-dist data info $(DATA)
 
-# Short CPU pretraining on 2 ranks (configs/pretrain.yaml), then the UAE export → runs/pretrain/uae/
+# Short CPU pretraining on 2 ranks (uae_dist/configs/pretrain.yaml), then the UAE export → runs/pretrain/uae/
 pretrain: data
-	OMP_NUM_THREADS=1 $(BIN)/deepspeed --num_gpus 2 launch/train.py --config configs/pretrain.yaml data.root=$(DATA)
+	OMP_NUM_THREADS=1 $(BIN)/deepspeed --num_gpus 2 launch/train.py --config pretrain data.root=$(DATA)
 
-# UAE_REQUIRE_EXT=1: a C++ extension that fails to load fails the tests instead of falling back
+# UAE_REQUIRE_EXT=1 / UAE_REQUIRE_DATA=1: a C++ extension that fails to load, or missing data sets,
+# fail the tests instead of falling back or skipping
 test: install
-	UAE_REQUIRE_EXT=1 $(BIN)/python -m pytest -q tests
+	UAE_REQUIRE_EXT=1 UAE_REQUIRE_DATA=1 $(BIN)/python -m pytest -q tests
 
 clean:
 	rm -rf build *.egg-info uae_dist/*.so

@@ -17,10 +17,9 @@ SMOKE = ROOT / "configs" / "pretrain_smoke.yaml"
 
 def tiny_lmdb(tmp_path_factory, n: int = 120) -> Path:
     """First ``n`` MP records, 5 Å graphs, built once per session (shared through the base temp dir)."""
-    import pytest
+    from conftest import need_data
 
-    if not MP.exists():
-        pytest.skip(f"MP data set not found at {MP}")
+    need_data(MP)
     out = tmp_path_factory.getbasetemp() / f"uae_mp_tiny_{n}"
     if not (out / "manifest.json").exists():
         from uae_dist.data.build import build_lmdb

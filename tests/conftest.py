@@ -7,6 +7,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("UAE_DATA_DIR", ROOT.parent / "shared" / "data"))
 MP_PATH = SHARED_DATA / "mp_cgcnn_36737.json.gz"
 HOIP_PATH = SHARED_DATA / "hoip_kim2017_1346.json.gz"
+# CI (make test) sets UAE_REQUIRE_DATA=1: a missing data set then fails the tests that need it
+# instead of skipping them, so a green run cannot hide that every data test was skipped
+REQUIRE_DATA = os.environ.get("UAE_REQUIRE_DATA") == "1"
+
+
+def need_data(path: pathlib.Path) -> pathlib.Path:
+    if not path.exists():
+        msg = f"data set not found at {path} (set UAE_DATA_DIR or place ../shared/data)"
+        if REQUIRE_DATA:
+            pytest.fail(msg + "; UAE_REQUIRE_DATA=1 forbids skipping", pytrace=False)
+        pytest.skip(msg)
+    return path
 
 
 def pytest_configure(config):
@@ -29,13 +41,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def mp_path():
-    if not MP_PATH.exists():
-        pytest.skip(f"MP data set not found at {MP_PATH}")
-    return MP_PATH
+    return need_data(MP_PATH)
 
 
 @pytest.fixture(scope="session")
 def hoip_path():
-    if not HOIP_PATH.exists():
-        pytest.skip(f"HOIP data set not found at {HOIP_PATH}")
-    return HOIP_PATH
+    return need_data(HOIP_PATH)

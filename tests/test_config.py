@@ -69,3 +69,62 @@ def test_lr_schedule():
     assert lr_at(0, 0.0, oc) == pytest.approx(0.1) and lr_at(9, 0.09, oc) == pytest.approx(1.0)
     assert lr_at(100, 1.0, oc) == pytest.approx(0.1)
     assert lr_at(50, 0.5, oc) == pytest.approx(0.55)  # cosine in the fraction of the run done
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("model.cutoff=-1", "model.cutoff=-1.0 must be > 0"),
+    ("model.cutoff=0", "model.cutoff=0.0 must be > 0"),
+    ("model.cutoff=nan", "model.cutoff=nan must be a finite number"),
+    ("model.heads=0", "model.heads=0 must be >= 1"),
+    ("optim.lr=-1", "optim.lr=-1.0 must be > 0"),
+    ("optim.lr=inf", "optim.lr=inf must be a finite number"),
+    ("train.max_steps=-5", "train.max_steps=-5 must be >= 1"),
+    ("model.dropout=2", "model.dropout=2.0 must be < 1"),
+    ("data.max_atoms=0", "data.max_atoms=0 must be >= 1"),
+    ("optim.name=lamb", "must be one of adamw, sgd"),
+    ("model.name=nope", "unknown model 'nope'"),
+])
+def test_numbers_outside_their_bounds_are_refused(override, msg):
+    """Issue 8.8: each bad number is an error naming the option, at config time."""
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(".", r"\.")):
+        load_config("pretrain_smoke", [override])
+
+
+@pytest.mark.timeout(120)
+def test_bad_config_exits_2_before_start_up_and_leaves_no_directory(tmp_path):
+    """…before any expensive start-up (no process group, no data), leaving nothing to block a
+    rerun: exit 2, the option named, no output directory."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "launch/train.py", "--config", "pretrain_smoke",
+                        f"train.out_dir={out}", "model.cutoff=-1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=100,
+                       env={"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu"})
+    assert p.returncode == 2 and "model.cutoff=-1.0 must be > 0" in p.stderr, p.stderr
+    assert not out.exists()
+
+
+def test_model_sections_are_typed_per_backbone(tmp_path):
+    cfg = load_config("pretrain_smoke", ["model.variant=paper", "model.d_model=64"])
+    assert type(cfg.model).__name__ == "CrystalTransformerConfig" and cfg.model.variant == "paper"
+    assert cfg.model.graph() == {}  # the paper variant reads no edges
+    assert load_config("pretrain_smoke").model.graph() == {"cutoff": 5.0}
+    with pytest.raises(ConfigError, match="config 'no_such_config' not found"):
+        load_config("no_such_config")
+
+
+def test_normaliser_refuses_labels_it_cannot_scale():
+    """Issue 8.8: a label of 1e308 would give an infinite std and a silently dropped target."""
+    import numpy as np
+
+    from uae_dist.train.targets import Normalizer
+
+    y = np.array([[1.0, 2.0], [1e308, 3.0], [-1e308, np.nan]])
+    with pytest.raises(ValueError, match="'a'.*remove the outliers"):
+        Normalizer.fit(y, ["a", "b"])
+    with pytest.raises(ValueError, match="'b' has no label"):
+        Normalizer.fit(np.array([[1.0, np.nan]]), ["a", "b"])
+    n = Normalizer.fit(y[:1, :1].repeat(3, 0) + np.arange(3)[:, None], ["a"])
+    assert n.mean.dtype == np.float64 and n.std[0] == pytest.approx(1.0)

@@ -72,25 +72,59 @@ def test_exact_mid_epoch_resume(world):
         it = iter(s)
         first = [next(it) for _ in range(4)]
         state = s.state_dict()
-        assert state["batches_done"] == 4 and state["epoch"] == 2
+        assert state["chain"] == [[world, 4 * world]] and state["epoch"] == 2
         # a fresh sampler (new process) resumes from the saved position
         t = DistributedAtomBatchSampler(natoms, 160, world, rank, seed=0)
         t.load_state_dict(state)
         rest = list(t)
         assert first + rest == ref
-        assert len(list(t)) == len(ref), "the skip applies to the resumed pass only"
+        t.set_epoch(3)
+        assert len(list(t)) > 0 and t.state_dict(0)["chain"] == [[world, 0]]
 
 
-def test_resume_on_other_world_size_is_refused():
-    natoms = np.ones(20, dtype=int)
-    s = DistributedAtomBatchSampler(natoms, 4, 2, 0)
-    with pytest.raises(ValueError, match="world size"):
-        DistributedAtomBatchSampler(natoms, 4, 1, 0).load_state_dict(s.state_dict(3))
+@pytest.mark.parametrize("old,new", [((2, 1), (1, 1)), ((1, 3), (2, 1)), ((2, 2), (3, 2))])
+def test_resume_on_other_world_size_or_accumulation_redeals_the_rest(old, new):
+    """Every structure of the interrupted epoch is taken exactly once across the two runs, every
+    rank of the new run takes the same number of steps, and steps do not cross the epoch."""
+    natoms = np.random.default_rng(3).integers(1, 60, 301)
+    (r0, a0), (r1, a1) = old, new
+    olds = [DistributedAtomBatchSampler(natoms, 120, r0, r, seed=2, grad_accum=a0)
+            for r in range(r0)]
+    for o in olds:
+        o.set_epoch(1)
+    done_steps = 3
+    consumed = [i for o in olds for b in o._mine()[:done_steps * a0] for i in b]
+    state = olds[0].state_dict(batches_done=done_steps * a0)
+    news = [DistributedAtomBatchSampler(natoms, 120, r1, r, grad_accum=a1) for r in range(r1)]
+    for n in news:
+        n.load_state_dict(state)
+    rest = [i for n in news for b in n for i in b]
+    assert sorted(consumed + rest) == list(range(len(natoms)))
+    assert len({len(n) for n in news}) == 1 and len(news[0]) % a1 == 0
+    frac = news[0].epoch_fraction(0)
+    assert frac == pytest.approx(len(consumed) / len(natoms))
+
+
+def test_structure_and_edge_caps_and_step_batches():
+    natoms = np.random.default_rng(4).integers(1, 30, 200)
+    nedges = natoms * 40
+    s = DistributedAtomBatchSampler(natoms, None, 2, 0, max_structures=7, nedges=nedges,
+                                    max_edges=3000, grad_accum=2)
+    plan = s.plan()
+    assert len(plan) % 4 == 0
+    assert all(len(b) <= 7 and (nedges[b].sum() <= 3000 or len(b) == 1) for b in plan)
+    assert s.step_batches(1) == plan[4:8] and s.steps() == len(plan) // 4
+    from uae_dist.data.sampler import eval_batches
+
+    ev = [eval_batches(natoms, 3, r, max_atoms=100) for r in range(3)]
+    assert sorted(i for e in ev for b in e for i in b) == list(range(200))  # once, no padding
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError):
         DistributedAtomBatchSampler([1, 2], 0)
+    with pytest.raises(ValueError, match="set max_atoms"):
+        DistributedAtomBatchSampler([1, 2], None)
     with pytest.raises(ValueError):
         DistributedAtomBatchSampler([1], 10, num_replicas=2, rank=0)
     with pytest.raises(ValueError):

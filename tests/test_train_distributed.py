@@ -120,3 +120,33 @@ def test_srun_environment_two_tasks(data, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     meta = _replicas_equal(out)
     assert meta["launcher"] == "slurm"
+
+
+def test_pick_device_uses_the_visible_gpu():
+    """Issue 7.6: with one GPU bound per task (srun --gpus-per-task=1, --gpu-bind) a rank sees one
+    device, index 0, whatever its local rank; with the node's GPUs visible, its local rank."""
+    from uae_dist.train.distributed import LaunchError, pick_device
+
+    assert pick_device(3, 4, 1) == 0
+    assert pick_device(3, 4, 4) == 3
+    with pytest.raises(LaunchError, match="one task per GPU"):
+        pick_device(2, 4, 2)
+    with pytest.raises(LaunchError, match="no CUDA device"):
+        pick_device(0, 1, 0)
+
+
+def test_mpirun_across_nodes_without_mpi4py_fails_clearly(monkeypatch):
+    """Issue 7.6: ranks on several nodes must not each meet at their own 127.0.0.1."""
+    import sys
+
+    from uae_dist.train.distributed import LaunchError
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py → ImportError
+    two_nodes = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
+                 "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    with pytest.raises(LaunchError, match="MASTER_ADDR"):
+        resolve_env(two_nodes)
+    one_node = dict(two_nodes, OMPI_COMM_WORLD_LOCAL_SIZE="4")
+    assert resolve_env(one_node).master_addr == "127.0.0.1"
+    given = dict(two_nodes, MASTER_ADDR="node1", MASTER_PORT="29400")
+    assert resolve_env(given).master_addr == "node1"

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "data building, pretraining and export.")
     p.add_argument("--version", action="version", version=f"uae-dist {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # the deepspeed launcher puts --local_rank=N before the command (deepspeed --module uae_dist.cli)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     data = sub.add_parser("data", help="build, verify and describe graph data sets (sharded LMDB)")
