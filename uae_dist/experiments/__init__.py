@@ -1,0 +1,7 @@
+"""Experiments: the fine-tuning matrix and its results (docs/experiments.md).
+
+``schema``    the matrix YAML, one typed schema          ``cells``    cell order, overrides, hash
+``datasets``  data sets built once under a lock          ``runner``   cell subprocesses, resume
+``record``    cell.json / metrics.json                   ``matrix``   list / prepare / run
+``results``   table over seeds, % vs default             ``plots``    parity plots, learning curves
+"""
