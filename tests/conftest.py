@@ -39,3 +39,6 @@ def hoip_path():
     if not HOIP_PATH.exists():
         pytest.skip(f"HOIP data set not found at {HOIP_PATH}")
     return HOIP_PATH
+
+
+from _matrix_fixtures import small_run  # noqa: E402,F401  (one matrix run shared by two test files)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -25,7 +26,8 @@ UNITS = {"e_form_per_atom": "eV/atom", "atomization_energy_per_atom": "eV/atom",
 
 def write_json(path: Path, obj) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # unique per host and process: array tasks on several nodes may write the same file
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
     os.replace(tmp, path)
 
