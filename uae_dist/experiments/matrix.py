@@ -49,17 +49,33 @@ def _shas(m: Matrix) -> dict:
 
 
 def status(r: Resolved, shas: dict) -> str:
-    """invalid | done | stale | failed | partial (resumes from a checkpoint) | todo."""
+    """invalid | done | running (in some runner) | stale | failed | partial (resumes from a
+    checkpoint) | todo."""
     if r.error:
         return "invalid"
     if record.is_done(r.dir, r.hash, shas.get(r.cell.dataset)):
         return "done"
+    if _locked(r.dir / ".lock"):
+        return "running"
     if record.stale_hash(r.dir, r.hash):
         return "stale"
     if (r.dir / "checkpoints" / "latest").exists():
         return "partial"
     rec = record.read_json(r.dir / record.CELL) or {}
     return "failed" if rec.get("status") == "failed" else "todo"
+
+
+def _locked(path: Path) -> bool:
+    import fcntl
+
+    if not path.exists():
+        return False
+    with open(path) as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
 
 
 def write_index(m: Matrix, resolved: list[Resolved]) -> Path:

@@ -75,6 +75,15 @@ def _die_with_parent() -> None:
 
 
 def command(r: Resolved, launcher: tuple[str, ...]) -> list[str]:
+    """The cell's command; a launcher not on PATH is taken from this interpreter's bin dir (a
+    virtual environment that is not activated)."""
+    import shutil
+
+    launcher = list(launcher)
+    if launcher and shutil.which(launcher[0]) is None:
+        here = Path(sys.executable).parent / launcher[0]
+        if here.exists():
+            launcher[0] = str(here)
     return [*launcher, sys.executable, "-m", "uae_dist.cli", "finetune", *r.args]
 
 
@@ -177,7 +186,9 @@ class Runner:
         except OSError as e:
             logf.close()
             lock.close()
-            self._finish(Outcome("failed", r, error=f"could not start {cmd[0]}: {e}"))
+            err = f"could not start {cmd[0]}: {e}"
+            record.record_failure(r.dir, base, None, err)
+            self._finish(Outcome("failed", r, error=err))
             return
         finally:
             if not logf.closed:
