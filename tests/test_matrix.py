@@ -149,7 +149,7 @@ def test_failed_cell_is_reported_and_the_rest_finish(small_run):
     rec = read_json(cell / "cell.json")
     assert rec["status"] == "failed" and rec["exit_code"] == 2
     assert "cutoff" in rec["error"] and not (cell / "metrics.json").exists()
-    assert f"FAILED [4] ct/ef/broken/seed0  exit 2" in p.stderr
+    assert "FAILED [4] ct/ef/broken/seed0  exit 2" in p.stderr
     assert str(cell / "cell.log") in p.stderr
     assert "cutoff" in (cell / "cell.log").read_text()
 

@@ -19,7 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .schema import Matrix, override_args
+from .overrides import override_args
+from .schema import Matrix
 
 # Resolved-config keys that do not change what a cell computes.
 NOT_HASHED = ("data.root", "data.source", "data.build_limit", "data.num_workers",

@@ -160,6 +160,12 @@ def run(m: Matrix, cell: int | None = None, jobs: int | None = None,
         if mt:
             outcomes.append(Outcome("skipped", r, 0, metrics=mt))
             continue
+        if _locked(r.dir / ".lock"):  # never move or start a cell another runner is training
+            pid = (record.read_json(r.dir / record.CELL) or {}).get("pid")
+            outcomes.append(Outcome("busy", r, error=f"another process (pid {pid}) runs it"))
+            log.warning("busy   [%d] %s: another process (pid %s) runs it", r.cell.index,
+                        r.cell.name, pid)
+            continue
         old = record.stale_hash(r.dir, r.hash)
         if old:
             dest = record.move_aside(r.dir, old)

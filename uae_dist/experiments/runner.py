@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import record
@@ -61,7 +61,6 @@ class _Job:
     signalled: bool = False
     timed_out: bool = False
     killed_at: float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _die_with_parent() -> None:

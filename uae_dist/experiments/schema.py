@@ -16,21 +16,15 @@ import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import yaml
+
+from .overrides import MatrixError, overrides
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # names become directory names
 
-# Keys the matrix sets itself for every cell (from datasets/tasks/seeds and the cell directory).
-RESERVED = {"data.root": "datasets.<name>.root", "data.targets": "tasks.<name>.target",
-            "train.seed": "seeds", "train.out_dir": "out_root", "train.resume": "(always auto)",
-            "data.source": "datasets.<name>.build"}
-
 # Options of the data build the matrix controls, so a build spec may not set them.
 BUILD_CONTROLLED = {"out_dir", "resume", "overwrite", "progress", "use_mpi"}
-
-
-class MatrixError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -137,39 +131,6 @@ def _int(v, where: str, lo: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
         raise _fail(where, f"expected an integer{f' >= {lo}' if lo is not None else ''}, got {v!r}")
     return v
-
-
-def overrides(raw, where: str) -> dict:
-    """``{dotted.key: value}`` from a mapping or a list of ``"dotted.key=value"`` strings (values
-    parse as YAML, as on the ``uae-dist finetune`` command line); later entries win."""
-    from uae_dist.config import ConfigError, parse_override
-
-    if raw is None:
-        return {}
-    if isinstance(raw, dict):
-        items = list(raw.items())
-    elif isinstance(raw, list):
-        items = []
-        for k, text in enumerate(raw):
-            if not isinstance(text, str):
-                raise _fail(f"{where}[{k}]", f"expected 'section.key=value', got {text!r}")
-            try:
-                path, val = parse_override(text)
-            except ConfigError as e:
-                raise _fail(f"{where}[{k}]", str(e)) from None
-            items.append((".".join(path), val))
-    else:
-        raise _fail(where, "expected a mapping of dotted keys or a list of 'key=value', "
-                    f"got {raw!r}")
-    out = {}
-    for key, val in items:
-        if not isinstance(key, str) or key.count(".") < 1 or not all(key.split(".")):
-            raise _fail(where, f"{key!r} is not a dotted config key such as train.epochs")
-        if key in RESERVED:
-            raise _fail(f"{where}.{key}", f"set by the matrix ({RESERVED[key]}), not an override")
-        out.pop(key, None)
-        out[key] = val
-    return out
 
 
 def _names(raw, where: str, defined: dict, default: tuple) -> tuple[str, ...]:
@@ -389,23 +350,5 @@ def load_matrix(name_or_path, out_root: str | None = None) -> Matrix:
     return parse(raw, p, text, out_root)
 
 
-def override_args(ov: dict) -> list[str]:
-    """``{key: value}`` → ``["key=value", …]``, read back as the values by ``uae-dist finetune``."""
-    import json
-
-    out = []
-    for k, v in ov.items():
-        s = v if isinstance(v, str) and _yaml_same(v) else json.dumps(v)
-        out.append(f"{k}={s}")
-    return out
-
-
-def _yaml_same(s: str) -> bool:
-    try:
-        return s != "" and yaml.safe_load(s) == s
-    except yaml.YAMLError:
-        return False
-
-
 __all__ = ["Matrix", "MatrixError", "Dataset", "Task", "Featurizer", "Backbone", "RunOptions",
-           "load_matrix", "find_matrix", "parse", "overrides", "override_args", "AXES"]
+           "load_matrix", "find_matrix", "parse", "AXES"]
