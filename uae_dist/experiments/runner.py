@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -174,7 +175,7 @@ class Runner:
         cmd = command(r, self.launcher)
         with open(r.dir / record.LOG, "a") as fh:
             fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} cell {r.cell.index} "
-                     f"{r.cell.name}: {' '.join(cmd)}\n")
+                     f"{r.cell.name}: {shlex.join(cmd)}\n")
         logf = open(r.dir / record.LOG, "a")
         try:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
@@ -248,14 +249,23 @@ class Runner:
         record.end_attempt(r.dir, j.rec, "failed", rc, err)
         return Outcome("failed", r, rc, error=err)
 
+    def _eta(self) -> str:
+        """Time left at the mean wall time of this run's finished cells, ``jobs`` at once."""
+        walls = [o.metrics["wall_time_s"] for o in self.outcomes if o.status == "done"]
+        left = self.total - len(self.outcomes)
+        if not walls or not left:
+            return ""
+        s = int(sum(walls) / len(walls) * left / min(self.jobs, left))
+        return f", ~{s // 60}m{s % 60:02d}s left"
+
     def _finish(self, o: Outcome) -> None:
         self.outcomes.append(o)
         k, c = len(self.outcomes), o.resolved.cell
         if o.status == "done":
             t = o.metrics["test"]
-            log.info("done   [%d] %s  test MAE %.4g %s, R² %s, %.0f s  (%d/%d)", c.index, c.name,
-                     t["mae"], o.metrics.get("units") or "", _fmt(t["r2"]),
-                     o.metrics["wall_time_s"], k, self.total)
+            log.info("done   [%d] %s  test MAE %.4g %s, R² %s, %.0f s  (%d/%d%s)", c.index,
+                     c.name, t["mae"], o.metrics.get("units") or "", _fmt(t["r2"]),
+                     o.metrics["wall_time_s"], k, self.total, self._eta())
         elif o.status == "failed":
             log.error("FAILED [%d] %s  exit %s: %s; log %s  (%d/%d)", c.index, c.name,
                       o.exit_code, o.error, o.log, k, self.total)
