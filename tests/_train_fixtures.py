@@ -86,5 +86,7 @@ def losses(out: Path) -> list[tuple[int, str]]:
 
 
 def latest_meta(out: Path) -> dict:
+    """The newest checkpoint's state.json: its run metadata merged with step, epoch, sampler…"""
     root = Path(out) / "checkpoints"
-    return json.loads((root / (root / "latest").read_text().strip() / "meta.json").read_text())
+    state = json.loads((root / (root / "latest").read_text().strip() / "state.json").read_text())
+    return {**state.pop("meta"), **state}

@@ -47,3 +47,6 @@ def mp_path():
 @pytest.fixture(scope="session")
 def hoip_path():
     return need_data(HOIP_PATH)
+
+
+from _matrix_fixtures import small_run  # noqa: E402,F401  (one matrix run shared by two test files)

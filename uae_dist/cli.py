@@ -74,6 +74,54 @@ def cmd_data_info(a) -> int:
     return 0
 
 
+def _add_experiments(sub) -> None:
+    """``uae-dist matrix list|run|prepare`` and ``uae-dist results`` (docs/experiments.md)."""
+    from uae_dist.experiments import commands as X
+
+    mx = sub.add_parser("matrix", help="run an experiment matrix (backbone × featurizer × task × "
+                        "seed) on this machine or as a Slurm array",
+                        description="See docs/experiments.md for the matrix file.")
+    msub = mx.add_subparsers(dest="matrix_command", metavar="ACTION", required=True)
+
+    def matrix_file(p):
+        p.add_argument("file", help="matrix YAML: a path or a shipped name (matrix_smoke)")
+        p.add_argument("--out-root", default=None, help="replace the file's out_root")
+
+    ls = msub.add_parser("list", help="the cells with their index and status, and the array size")
+    matrix_file(ls)
+    ls.add_argument("--count", action="store_true", help="print only the number of cells")
+    ls.add_argument("--json", action="store_true", help="machine-readable cells")
+    ls.add_argument("--commands", action="store_true", help="also each cell's command")
+    ls.set_defaults(func=X.matrix_list)
+
+    r = msub.add_parser("run", help="run the cells not done yet (resuming interrupted ones)",
+                        description="Exit codes: 0 all selected cells done, 1 a cell failed, "
+                        "2 bad matrix or --cell, 75 stopped by a signal (rerun to resume).")
+    matrix_file(r)
+    r.add_argument("--jobs", "-j", type=int, default=None, help="cells at once (default: run.jobs)")
+    r.add_argument("--cell", type=int, default=None, metavar="K",
+                   help="run only cell K (e.g. --cell $SLURM_ARRAY_TASK_ID)")
+    r.add_argument("--launcher", default=None, help="command prefix of each cell, e.g. 'srun' or "
+                   "'torchrun --nproc_per_node 2 --no-python' (default: run.launcher)")
+    r.add_argument("--dry-run", action="store_true", help="print what would run and the commands")
+    r.add_argument("--list", action="store_true", help="print the cells (like `matrix list`)")
+    r.set_defaults(func=X.matrix_run)
+
+    pr = msub.add_parser("prepare", help="build the matrix's data sets that are missing")
+    matrix_file(pr)
+    pr.add_argument("--workers", type=int, default=1, help="build worker processes")
+    pr.set_defaults(func=X.matrix_prepare)
+
+    res = sub.add_parser("results", help="gather a matrix's cells: table (mean ± std over seeds, "
+                         "%% change vs the default featurizer), parity plots, learning curves")
+    res.add_argument("runs_dir", help="the matrix's out_root (with matrix.json), or any folder "
+                     "of cells")
+    res.add_argument("--out", default=None, help="output folder (default: RUNS_DIR/results)")
+    res.add_argument("--no-plots", action="store_true", help="tables only")
+    res.add_argument("--strict", action="store_true", help="exit 1 if a cell is missing or failed")
+    res.set_defaults(func=X.results)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from uae_dist import __version__
 
@@ -139,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the export; see uae_dist/jobs.py.")
     jobs.add_arguments(ft, "finetune")
     ft.set_defaults(func=jobs.finetune)
+
+    _add_experiments(sub)
 
     e = sub.add_parser("export", help="write the universal atomic embeddings of a checkpoint for other tools")
     try:
