@@ -150,3 +150,23 @@ def test_mpirun_across_nodes_without_mpi4py_fails_clearly(monkeypatch):
     assert resolve_env(one_node).master_addr == "127.0.0.1"
     given = dict(two_nodes, MASTER_ADDR="node1", MASTER_PORT="29400")
     assert resolve_env(given).master_addr == "node1"
+
+
+@pytest.mark.timeout(180)
+def test_startup_compiles_no_deepspeed_op(tmp_path):
+    """Issue 14 (start-up): DeepSpeed's CPU backend would JIT-compile its inference-only shm
+    all-reduce at every fresh init (tens of seconds; a killed build leaves a lock that hangs every
+    later start). Our init skips it: nothing is built into TORCH_EXTENSIONS_DIR."""
+    import subprocess
+    import sys
+
+    from _train_fixtures import ROOT, env
+
+    code = ("from uae_dist.train.distributed import setup_distributed; setup_distributed(); "
+            "import deepspeed.comm as c; print('shm op:', c.cdb.shm_comm_op)")
+    e = dict(env(), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True,
+                       text=True, timeout=170)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "shm op: None" in p.stdout
+    assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").rglob("*.so"))

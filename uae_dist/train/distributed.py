@@ -193,11 +193,24 @@ def setup_distributed(backend: str = "auto", timeout_min: float = 30.0) -> DistI
         torch.cuda.set_device(torch.device(info.device))
     import deepspeed
 
+    _skip_inference_comm_op()
+
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=info.backend, auto_mpi_discovery=False, init_method="env://",
                                    timeout=datetime.timedelta(minutes=timeout_min), rank=info.rank,
                                    world_size=info.world_size)
     return info
+
+
+def _skip_inference_comm_op() -> None:
+    """DeepSpeed's torch backend probes every op builder (compiler subprocesses) and JIT-compiles a
+    shared-memory all-reduce (``deepspeed_shm_comm``) at each init: tens of seconds on a fresh
+    machine, and a build killed midway leaves a lock file that makes every later start wait
+    forever. Only its inference all-reduce uses that op; training never does, so report no
+    compatible ops (DeepSpeed reads this dict only to decide whether to build it)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {}
 
 
 def barrier() -> None:
