@@ -163,7 +163,7 @@ def test_startup_compiles_no_deepspeed_op(tmp_path):
     from _train_fixtures import ROOT, env
 
     code = ("from uae_dist.train.distributed import setup_distributed; setup_distributed(); "
-            "import deepspeed.comm as c; print('shm op:', c.cdb.shm_comm_op)")
+            "from deepspeed.comm import comm as c; print('shm op:', c.cdb.shm_comm_op)")
     e = dict(env(), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True,
                        text=True, timeout=170)
