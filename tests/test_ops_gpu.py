@@ -40,13 +40,18 @@ def synthetic_structures(seed=0):
     return out
 
 
-def mp_structures():
+def mp_structures(limits=(("mp", 192), ("dense", 64))):
     path = os.environ.get("UAE_GPU_STRUCTURES")
     if not path:
         return []
-    z = np.load(path)
-    ptr = z["ptr"]
-    return [(z["pos"][ptr[b]:ptr[b + 1]], z["cell"][b], z["pbc"][b]) for b in range(len(ptr) - 1)]
+    z = np.load(path)  # written by benchmarks/neighbors.py --save-structures: sets "mp", "dense"
+    out = []
+    for name, limit in limits:
+        if f"{name}_ptr" in z.files:
+            ptr = z[f"{name}_ptr"]
+            out += [(z[f"{name}_pos"][ptr[b]:ptr[b + 1]], z[f"{name}_cell"][b], z[f"{name}_pbc"][b])
+                    for b in range(min(limit, len(ptr) - 1))]
+    return out
 
 
 def batch_of(arrs, device):
@@ -62,7 +67,7 @@ def batch_of(arrs, device):
 @pytest.mark.parametrize("max_neighbors", [None, 12])
 @pytest.mark.parametrize("compact", [False, True])
 def test_neighbors_cuda_equals_cpu(cuda_kernels, max_neighbors, compact):
-    arrs = synthetic_structures() + mp_structures()[:256]
+    arrs = synthetic_structures() + mp_structures()
     for cutoff in (4.0, 8.0):
         cpu = neighbor_list(*batch_of(arrs, "cpu")[:3], cutoff, batch=batch_of(arrs, "cpu")[3],
                             max_neighbors=max_neighbors, compact=compact)
