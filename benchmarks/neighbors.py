@@ -226,7 +226,7 @@ def run_set(name, arrays, structs, cutoff, args, vesin, cuda):
             if key in res:
                 summary.append(f"{label}/{short}={np.median(rt) / np.median(res[key][0]):.1f}x")
     if not refs:
-        summary.append("no reference (pymatgen not installed, no CUDA)")
+        summary.append("no reference (no pymatgen, no CUDA)")
     print(" ".join(summary))
     sys.stdout.flush()
 
@@ -328,9 +328,13 @@ def main(argv=None):
     if args.scaling:
         scaling(sets.get("dense") or next(iter(sets.values())), 8.0, cuda, vesin)
         return
+    if have_pmg and not structs:  # arrays only (--structures): pymatgen Structures of the same cells
+        from pymatgen.core import Lattice, Structure
+        structs = {k: [Structure(Lattice(a[1], pbc=tuple(bool(x) for x in a[2])), ["H"] * len(a[0]), a[0],
+                                 coords_are_cartesian=True) for a in arrs] for k, arrs in sets.items()}
     for cutoff in [float(c) for c in args.cutoffs.split(",")]:
         for k, arrs in sets.items():
-            pm = structs.get(k) if have_pmg and structs else None
+            pm = structs.get(k) if have_pmg else None
             run_set(k, arrs, pm, cutoff, args, vesin, cuda)
 
 

@@ -12,6 +12,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -316,7 +320,20 @@ class BlockCache {
         return p;
       }
     }
-    return std::malloc(size_t(1) << k);
+    return fresh(k);
+  }
+  // Blocks of 4 MiB and more are 2 MiB aligned and asked to be huge pages: a batched call's fresh
+  // output otherwise costs a page fault (and a zeroed 4 KiB page) per 4 KiB written.
+  static void* fresh(int k) {
+    const size_t bytes = size_t(1) << k;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (k >= 22) {
+      void* p = std::aligned_alloc(size_t(1) << 21, bytes);
+      if (p) madvise(p, bytes, MADV_HUGEPAGE);
+      return p;
+    }
+#endif
+    return std::malloc(bytes);
   }
   void give(void* p, int k) {
     if (k < kMaxClass) {
@@ -333,7 +350,7 @@ class BlockCache {
 
  private:
   static constexpr int kMaxClass = 27;                 // blocks up to 64 MiB ...
-  static constexpr size_t kMaxCached = size_t(96) << 20;  // ... and at most 96 MiB kept in all
+  static constexpr size_t kMaxCached = size_t(192) << 20;  // ... and at most 192 MiB kept in all
   std::mutex mu_;
   std::vector<void*> free_[kMaxClass];
   size_t cached_ = 0;
@@ -341,6 +358,15 @@ class BlockCache {
 
 at::Tensor pooled_tensor(void* p, int k, at::IntArrayRef sizes, const at::TensorOptions& opts) {
   return at::from_blob(p, sizes, [k](void* q) { BlockCache::get().give(q, k); }, opts);
+}
+
+// An uninitialised (rows, cols) tensor of elem_size-byte elements in a recycled block.
+at::Tensor pooled_empty(int64_t rows, int64_t cols, size_t elem_size, const at::TensorOptions& opts) {
+  const int k = BlockCache::size_class(std::max<size_t>(1, elem_size * rows * cols));
+  void* p = BlockCache::get().take(k);
+  TORCH_CHECK(p, "neighbor_list: out of memory (", rows, " pairs)");
+  if (cols == 1) return pooled_tensor(p, k, {rows}, opts);
+  return pooled_tensor(p, k, {rows, cols}, opts);
 }
 
 
@@ -631,22 +657,18 @@ Triple by_structure(const std::vector<Structure>& st, const double* W, const int
     for (int64_t q = 1; q <= ntasks; ++q) lo[q] = std::max(lo[q], lo[q - 1]);
     lo[ntasks] = B;
   }
+  // every task's output starts in a recycled block (BlockCache) sized by its estimate
   std::vector<OutBuf<I, Sh>> out(ntasks);
-  if (ntasks == 1) {
-    out[0].pooled = true;
+  for (int64_t t = 0; t < ntasks; ++t) {
     double e = 0;
-    for (double x : sexp) e += x;
-    out[0].hint = static_cast<int64_t>(e * 1.3) + 256;
+    for (int64_t b = lo[t]; b < lo[t + 1]; ++b) e += sexp[b];
+    out[t].pooled = true;
+    out[t].hint = static_cast<int64_t>(e * 1.3) + 256;
   }
   auto run = [&](int64_t t) {
     // Scratch survives across calls (one per thread): no large malloc per call.
     static thread_local Scratch X;
     OutBuf<I, Sh>& o = out[t];
-    if (!o.pooled) {
-      double e = 0;
-      for (int64_t b = lo[t]; b < lo[t + 1]; ++b) e += sexp[b];
-      o.grow(static_cast<int64_t>(e * 1.1) + 64);
-    }
     for (int64_t b = lo[t]; b < lo[t + 1]; ++b) {
       const Structure& T = st[b];
       for (int64_t i = T.p0; i < T.p1; ++i) {
@@ -695,7 +717,8 @@ Triple by_structure(const std::vector<Structure>& st, const double* W, const int
   std::vector<int64_t> off(ntasks + 1, 0);
   for (int64_t t = 0; t < ntasks; ++t) off[t + 1] = off[t] + out[t].n;
   const int64_t E = off[ntasks];
-  at::Tensor ti = at::empty({E}, it), tj = at::empty({E}, it), ts = at::empty({E, 3}, sto);
+  at::Tensor ti = pooled_empty(E, 1, sizeof(I), it), tj = pooled_empty(E, 1, sizeof(I), it);
+  at::Tensor ts = pooled_empty(E, 3, sizeof(Sh), sto);
   I* pi = static_cast<I*>(ti.data_ptr());
   I* pj = static_cast<I*>(tj.data_ptr());
   Sh* ps = static_cast<Sh*>(ts.data_ptr());
@@ -742,7 +765,8 @@ Triple by_atom(const std::vector<Structure>& st, const std::vector<int64_t>& sid
   const int64_t E = aoff[N];
   const auto it = opts.dtype(Types<I, Sh>::index_type());
   const auto sto = opts.dtype(Types<I, Sh>::shift_type());
-  at::Tensor ti = at::empty({E}, it), tj = at::empty({E}, it), ts = at::empty({E, 3}, sto);
+  at::Tensor ti = pooled_empty(E, 1, sizeof(I), it), tj = pooled_empty(E, 1, sizeof(I), it);
+  at::Tensor ts = pooled_empty(E, 3, sizeof(Sh), sto);
   I* pi = static_cast<I*>(ti.data_ptr());
   I* pj = static_cast<I*>(tj.data_ptr());
   Sh* ps = static_cast<Sh*>(ts.data_ptr());
@@ -803,7 +827,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbor_list_cpu(
   std::vector<Structure> st(B);
   std::vector<double> W(3 * N), F(3 * N);
   std::vector<int64_t> O(3 * N);
-  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+  auto prep = [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       Structure& T = st[b];
       T.p0 = ptr[b];
@@ -817,16 +841,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbor_list_cpu(
         if (method == 2) {
           T.use_cell = true;
         } else {
-          // candidates visited by the cell list relative to the n^2 pairs of the brute force
-          double ratio = 1.0;
-          for (int k = 0; k < 3; ++k) ratio *= double(2 * T.grid.r[k] + 1) / double(T.grid.n[k]);
-          T.use_cell = n >= 64 && ratio <= 0.5;
+          // Tests per centre: brute force ~ n x images (the images a centre's sphere reaches, about
+          // prod(1 + 2 cutoff / plane spacing) along periodic axes), cell list ~ n x the fraction of
+          // bins it visits, at ~3x the cost per test (measured: benchmarks/neighbors.py --scaling).
+          double ratio = 1.0, images = 1.0;
+          for (int k = 0; k < 3; ++k) {
+            ratio *= double(2 * T.grid.r[k] + 1) / double(T.grid.n[k]);
+            const double bn = std::sqrt(T.S.inv[k] * T.S.inv[k] + T.S.inv[3 + k] * T.S.inv[3 + k] +
+                                        T.S.inv[6 + k] * T.S.inv[6 + k]);
+            if (T.S.pbc[k]) images *= 1.0 + 2.0 * cutoff * bn;  // bn = 1 / plane spacing
+          }
+          T.use_cell = n >= 64 && 3.0 * ratio < images;
         }
         if (T.use_cell) build_grid(&F[3 * T.p0], n, T.grid);
       }
       if (!T.use_cell) prep_brute(W.data(), T);
     }
-  });
+  };
+  // a parallel region costs more than preparing a few thousand atoms
+  if (N < 8192) {
+    prep(0, B);
+  } else {
+    at::parallel_for(0, B, 8, prep);
+  }
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK_VALUE(st[b].S.ok, "periodic structure with a singular cell (structure ", b, ")");
 
