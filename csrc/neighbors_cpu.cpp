@@ -12,10 +12,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -309,31 +305,25 @@ class BlockCache {
     while ((size_t(1) << k) < bytes) ++k;
     return k;
   }
-  void* take(int k) {
+  // A block of at least 2^k bytes: a cached one of class k or k + 1 (k is updated to the class
+  // taken: give() it back with that), else a fresh one. Fresh memory costs a page fault and a zeroed
+  // page per 4 KiB on first write, ~25x the write itself: batched outputs of varying size reuse the
+  // next class up rather than fault in a new block.
+  void* take(int& k) {
     if (k < kMaxClass) {
       std::lock_guard<std::mutex> g(mu_);
-      auto& v = free_[k];
-      if (!v.empty()) {
-        void* p = v.back();
-        v.pop_back();
-        cached_ -= size_t(1) << k;
-        return p;
+      for (int c = k; c <= k + 1 && c < kMaxClass; ++c) {
+        auto& v = free_[c];
+        if (!v.empty()) {
+          void* p = v.back();
+          v.pop_back();
+          cached_ -= size_t(1) << c;
+          k = c;
+          return p;
+        }
       }
     }
-    return fresh(k);
-  }
-  // Blocks of 4 MiB and more are 2 MiB aligned and asked to be huge pages: a batched call's fresh
-  // output otherwise costs a page fault (and a zeroed 4 KiB page) per 4 KiB written.
-  static void* fresh(int k) {
-    const size_t bytes = size_t(1) << k;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (k >= 22) {
-      void* p = std::aligned_alloc(size_t(1) << 21, bytes);
-      if (p) madvise(p, bytes, MADV_HUGEPAGE);
-      return p;
-    }
-#endif
-    return std::malloc(bytes);
+    return std::malloc(size_t(1) << k);
   }
   void give(void* p, int k) {
     if (k < kMaxClass) {
@@ -362,7 +352,7 @@ at::Tensor pooled_tensor(void* p, int k, at::IntArrayRef sizes, const at::Tensor
 
 // An uninitialised (rows, cols) tensor of elem_size-byte elements in a recycled block.
 at::Tensor pooled_empty(int64_t rows, int64_t cols, size_t elem_size, const at::TensorOptions& opts) {
-  const int k = BlockCache::size_class(std::max<size_t>(1, elem_size * rows * cols));
+  int k = BlockCache::size_class(std::max<size_t>(1, elem_size * rows * cols));
   void* p = BlockCache::get().take(k);
   TORCH_CHECK(p, "neighbor_list: out of memory (", rows, " pairs)");
   if (cols == 1) return pooled_tensor(p, k, {rows}, opts);
@@ -557,7 +547,7 @@ struct OutBuf {
   Sh* s = nullptr;
   int64_t n = 0, cap = 0, hint = 0;
   bool pooled = false, ok = true;
-  int ki = 0, ks = 0;
+  int ki = 0, kj = 0, ks = 0;
   OutBuf() = default;
   OutBuf(const OutBuf&) = delete;
   OutBuf& operator=(const OutBuf&) = delete;
@@ -565,7 +555,7 @@ struct OutBuf {
   void release() {
     if (pooled) {
       if (i) BlockCache::get().give(i, ki);
-      if (j) BlockCache::get().give(j, ki);
+      if (j) BlockCache::get().give(j, kj);
       if (s) BlockCache::get().give(s, ks);
     } else {
       std::free(i);
@@ -579,13 +569,14 @@ struct OutBuf {
     if (n + extra <= cap) return;
     if (pooled && cap == 0) {
       const int64_t c = std::max<int64_t>({n + extra, hint, 1});
-      ki = BlockCache::size_class(sizeof(I) * c);
+      ki = kj = BlockCache::size_class(sizeof(I) * c);
       ks = BlockCache::size_class(3 * sizeof(Sh) * c);
       i = static_cast<I*>(BlockCache::get().take(ki));
-      j = static_cast<I*>(BlockCache::get().take(ki));
+      j = static_cast<I*>(BlockCache::get().take(kj));
       s = static_cast<Sh*>(BlockCache::get().take(ks));
       TORCH_CHECK(i && j && s, "neighbor_list: out of memory (", c, " pairs)");
-      cap = std::min<int64_t>((int64_t(1) << ki) / sizeof(I), (int64_t(1) << ks) / (3 * sizeof(Sh)));
+      cap = std::min<int64_t>((int64_t(1) << std::min(ki, kj)) / sizeof(I),
+                              (int64_t(1) << ks) / (3 * sizeof(Sh)));
       return;
     }
     const int64_t c = std::max<int64_t>(n + extra, cap + cap / 2 + 256);
@@ -699,7 +690,7 @@ Triple by_structure(const std::vector<Structure>& st, const double* W, const int
     if (o.pooled) {
       at::Tensor ti = pooled_tensor(o.i, o.ki, {E}, it);
       o.i = nullptr;
-      at::Tensor tj = pooled_tensor(o.j, o.ki, {E}, it);
+      at::Tensor tj = pooled_tensor(o.j, o.kj, {E}, it);
       o.j = nullptr;
       at::Tensor ts = pooled_tensor(o.s, o.ks, {E, 3}, sto);
       o.s = nullptr;

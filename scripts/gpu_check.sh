@@ -189,10 +189,10 @@ grep -q "using the LMDB that gpu_wheels.sh built" "$REPORT/logs/$(printf '%02d' 
 # ------------------------------------------------------------------ 7 pretrain
 # >>> THE ONE PLACE THAT CALLS THE TRAINING ENGINE (the lead renames configs/keys here) >>>
 PRETRAIN_CONFIG="${PRETRAIN_CONFIG:-configs/pretrain.yaml}"
-pretrain() {  # pretrain RUN_DIR MAX_STEPS
+pretrain() {  # pretrain RUN_DIR MAX_STEPS TIMEOUT_S
   local precision=auto workers=0
   [ $GPU = 1 ] && precision=bf16 && workers=4
-  "$PY" launch/train.py --config "$PRETRAIN_CONFIG" \
+  timeout "$3" "$PY" launch/train.py --config "$PRETRAIN_CONFIG" \
     data.root="$DATA" data.num_workers="$workers" train.out_dir="$1" train.max_steps="$2" train.epochs=1000 \
     train.ckpt_every_steps="$PRETRAIN_CKPT" train.log_every=20 train.progress=false \
     train.tensorboard=false ds.precision="$precision" export.after_train=false
@@ -215,22 +215,34 @@ run_pretrain() {
     mem_sampler &
     sampler=$!
   fi
-  pretrain "$RUN" "$STEPS1"
+  pretrain "$RUN" "$STEPS1" 240
   local rc=$?
   [ -n "$sampler" ] && kill "$sampler" 2>/dev/null
   return $rc
 }
 resume_pretrain() {  # must continue from the checkpoint at STEPS1, not start again
-  pretrain "$RUN" "$STEPS2" || return 1
-  grep -E "resumed from .*: step $STEPS1\b" "$REPORT/logs/$(printf '%02d' $((NSTEP + 1)))-pretrain-resume.log" \
-    >/dev/null 2>&1 || grep -rE "resumed from .*: step $STEPS1\b" "$RUN" >/dev/null 2>&1
+  pretrain "$RUN" "$STEPS2" 180 2>&1 | tee "$WORK/resume.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || return 1
+  if grep -qE "resumed from .*: step $STEPS1\b" "$WORK/resume.log"; then
+    echo "RESUME CHECK: ok (resumed from the step-$STEPS1 checkpoint)"
+  else
+    echo "RESUME CHECK: FAILED (no 'resumed from ...: step $STEPS1' in the log)"
+    return 1
+  fi
+  "$PY" - "$RUN" "$STEPS2" <<'PY'
+import csv, sys
+rows = list(csv.DictReader(open(f"{sys.argv[1]}/train.csv")))
+last = max(int(float(r["step"])) for r in rows)
+print("train.csv last step", last)
+sys.exit(0 if last == int(sys.argv[2]) else 1)
+PY
 }
 if [ $DATA_OK = 0 ]; then  # not subject to the soft budget: this step is the point of the run
   step pretrain "$([ $GPU = 1 ] && echo "bf16, 1 GPU, NCCL, $STEPS1 steps" || echo "CPU rehearsal: fp32, gloo, $STEPS1 steps")" \
-    timeout 240 run_pretrain
+    run_pretrain
   PT_OK=$?
   if [ $PT_OK = 0 ]; then
-    step pretrain-resume "to $STEPS2 steps from the step-$STEPS1 checkpoint" timeout 180 resume_pretrain
+    step pretrain-resume "to $STEPS2 steps from the step-$STEPS1 checkpoint" resume_pretrain
   else
     skip pretrain-resume "the first run failed"
   fi
