@@ -33,6 +33,7 @@ PY="${PYTHON:-python3}"
 BUNDLE="${UAE_GPU_BUNDLE:-$REPO/gpu_bundle}"
 WORK="${UAE_GPU_WORK:-$REPO/runs/gpu_check_work}"
 BUDGET_S="${BUDGET_S:-480}"   # soft wall-clock budget: later optional steps are skipped past it
+SKIP_BENCH="${SKIP_BENCH:-0}" # 1: no benchmark steps (a quicker rehearsal)
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export UAE_REQUIRE_EXT=1
 export UAE_GPU_STRUCTURES="$BUNDLE/structures.npz"
@@ -143,7 +144,9 @@ else
 fi
 
 # ------------------------------------------------------------------ 5 bench
-if [ -f "$BUNDLE/structures.npz" ]; then
+if [ "$SKIP_BENCH" = 1 ]; then
+  skip bench-neighbors "SKIP_BENCH=1"
+elif [ -f "$BUNDLE/structures.npz" ]; then
   step bench-neighbors "$([ $GPU = 1 ] && echo 'CUDA vs vesin CUDA, CPU' || echo 'CPU only')" \
     timeout 200 "$PY" benchmarks/neighbors.py --structures "$BUNDLE/structures.npz" --cutoffs 8 --skip-fallback
   if ! over_budget; then
@@ -155,7 +158,9 @@ if [ -f "$BUNDLE/structures.npz" ]; then
 else
   skip bench-neighbors "no $BUNDLE/structures.npz"
 fi
-if [ $GPU = 1 ]; then
+if [ "$SKIP_BENCH" = 1 ]; then
+  skip bench-scatter "SKIP_BENCH=1"
+elif [ $GPU = 1 ]; then
   step bench-scatter "CUDA vs torch index_add_/scatter_reduce, PyG softmax" \
     timeout 120 "$PY" benchmarks/scatter.py --device cuda --nodes 20000 --degrees 12,50 --widths 64,256
 else
@@ -215,13 +220,13 @@ run_pretrain() {
     mem_sampler &
     sampler=$!
   fi
-  pretrain "$RUN" "$STEPS1" 240
+  pretrain "$RUN" "$STEPS1" "${PRETRAIN_TIMEOUT_S:-240}"
   local rc=$?
   [ -n "$sampler" ] && kill "$sampler" 2>/dev/null
   return $rc
 }
 resume_pretrain() {  # must continue from the checkpoint at STEPS1, not start again
-  pretrain "$RUN" "$STEPS2" 180 2>&1 | tee "$WORK/resume.log"
+  pretrain "$RUN" "$STEPS2" "${PRETRAIN_TIMEOUT_S:-180}" 2>&1 | tee "$WORK/resume.log"
   [ "${PIPESTATUS[0]}" = 0 ] || return 1
   if grep -qE "resumed from .*: step $STEPS1\b" "$WORK/resume.log"; then
     echo "RESUME CHECK: ok (resumed from the step-$STEPS1 checkpoint)"
