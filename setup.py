@@ -35,7 +35,10 @@ def extensions():
         ext = CUDAExtension(**ext_kwargs)
     else:
         ext = CppExtension(**ext_kwargs)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    # UAE_USE_NINJA=1 compiles the sources in parallel (MAX_JOBS) when ninja is installed; the default
+    # stays the plain sequential build
+    ninja = os.environ.get("UAE_USE_NINJA", "0") == "1"
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=ninja)}
 
 
 def version():

@@ -157,70 +157,85 @@ UAE_HD double image_d2(const StructInfo& S, const double* wi, const double* wj, 
   return d2;
 }
 
-// Enumerate every image s' of atom j (wrapped frame) within cutoff of atom i, in lexicographic order of
-// s' (a brute force over images, pruned with exact bounds in the triangular frame: only (s0, s1) rows that
-// meet the sphere are visited and each row's s2 range is clipped to the sphere). emit(s0, s1, s2, d2).
-// The distance of a candidate is evaluated in Cartesian coordinates, d2 = |(w_j - w_i) + s'@cell|^2.
-template <class Emit>
-UAE_HD void pair_images(const StructInfo& S, const double* wi, const double* wj, bool same, double cutoff,
-                        Emit&& emit) {
-  const double cut2 = cutoff * cutoff;
-  const double dc0 = wj[0] - wi[0], dc1 = wj[1] - wi[1], dc2 = wj[2] - wi[2];
-  if (!S.any_pbc) {
-    const double d2 = dc0 * dc0 + dc1 * dc1 + dc2 * dc2;
-    if (!same && d2 <= cut2) emit(0, 0, 0, d2);
-    return;
-  }
-  // Everything read inside the loops is copied to locals: emit() writes through pointers that the
-  // compiler would otherwise have to assume alias S.
-  const double A0 = S.cell[0], A1 = S.cell[1], A2 = S.cell[2];
-  const double B0 = S.cell[3], B1 = S.cell[4], B2 = S.cell[5];
-  const double C0 = S.cell[6], C1 = S.cell[7], C2 = S.cell[8];
+// Smallest |x| over the interval [lo, hi].
+UAE_HD double min_abs(double lo, double hi) { return lo > 0 ? lo : (hi < 0 ? -hi : 0.0); }
+
+// Enumerate, in lexicographic order, the images s' whose translate s'@cell can bring a difference
+// vector D from the box [Dlo, Dhi] (coordinates in the triangular frame, D = rot (w_j - w_i)) within
+// R of the origin: row(s0, s1, lo2, hi2) is called for every (s0, s1) row that meets the sphere,
+// with the row's s2 range clipped to it. The frame components of v = D + s'@cell are
+// v3 = D3 + s0 a3, v2 = D2 + s0 a2 + s1 b2, v1 = D1 + s0 a1 + s1 b1 + s2 c1: each depends on one
+// coordinate of D only, so the bounds are exact for a box (a point is a box too) up to the slack eps.
+template <class Row>
+UAE_HD void image_rows(const StructInfo& S, const double* Dlo, const double* Dhi, double cutoff,
+                       Row&& row) {
   const double a1 = S.ra[0], a2 = S.ra[1], a3 = S.ra[2], b1 = S.rb[0], b2 = S.rb[1];
   const double inv_a3 = S.inv_a3, inv_b2 = S.inv_b2, inv_c1 = S.inv_c1, eps = S.eps;
   const bool pbc0 = S.pbc[0], pbc1 = S.pbc[1], pbc2 = S.pbc[2];
-  const double D1 = S.rot[0] * dc0 + S.rot[1] * dc1 + S.rot[2] * dc2;
-  const double D2 = S.rot[3] * dc0 + S.rot[4] * dc1 + S.rot[5] * dc2;
-  const double D3 = S.rot[6] * dc0 + S.rot[7] * dc1 + S.rot[8] * dc2;
   const double R = cutoff + eps;
   const double R2 = R * R;
   int64_t lo0 = 0, hi0 = 0;
   if (pbc0) {
-    lo0 = iceil((-R - D3) * inv_a3);
-    hi0 = ifloor((R - D3) * inv_a3);
+    lo0 = iceil((-R - Dhi[2]) * inv_a3);
+    hi0 = ifloor((R - Dlo[2]) * inv_a3);
   }
   for (int64_t s0 = lo0; s0 <= hi0; ++s0) {
-    const double v3 = D3 + s0 * a3;
+    const double v3 = min_abs(Dlo[2] + s0 * a3, Dhi[2] + s0 * a3);
     const double rem0 = R2 - v3 * v3;
     if (rem0 < 0) continue;
     const double r0 = sqrt(rem0) + eps;
-    const double base2 = D2 + s0 * a2;
-    const double p00 = dc0 + s0 * A0, p01 = dc1 + s0 * A1, p02 = dc2 + s0 * A2;
+    const double lo_2 = Dlo[1] + s0 * a2, hi_2 = Dhi[1] + s0 * a2;
     int64_t lo1 = 0, hi1 = 0;
     if (pbc1) {
-      lo1 = iceil((-r0 - base2) * inv_b2);
-      hi1 = ifloor((r0 - base2) * inv_b2);
+      lo1 = iceil((-r0 - hi_2) * inv_b2);
+      hi1 = ifloor((r0 - lo_2) * inv_b2);
     }
     for (int64_t s1 = lo1; s1 <= hi1; ++s1) {
-      const double v2 = base2 + s1 * b2;
+      const double v2 = min_abs(lo_2 + s1 * b2, hi_2 + s1 * b2);
       const double rem1 = rem0 - v2 * v2;
       if (rem1 < 0) continue;
-      // the (s0, s1) row's own disk would clip s2 tighter, but a sqrt per row costs more than it saves
-      const double base1 = D1 + s0 * a1 + s1 * b1;
-      const double p10 = p00 + s1 * B0, p11 = p01 + s1 * B1, p12 = p02 + s1 * B2;
+      const double r1 = sqrt(rem1) + eps;
+      const double lo_1 = Dlo[0] + s0 * a1 + s1 * b1, hi_1 = Dhi[0] + s0 * a1 + s1 * b1;
       int64_t lo2 = 0, hi2 = 0;
       if (pbc2) {
-        lo2 = iceil((-r0 - base1) * inv_c1);
-        hi2 = ifloor((r0 - base1) * inv_c1);
+        lo2 = iceil((-r1 - hi_1) * inv_c1);
+        hi2 = ifloor((r1 - lo_1) * inv_c1);
+      } else if (min_abs(lo_1, hi_1) > r1) {
+        continue;
       }
-      const bool zero01 = same && s0 == 0 && s1 == 0;
-      for (int64_t s2 = lo2; s2 <= hi2; ++s2) {
-        const double x = p10 + s2 * C0, y = p11 + s2 * C1, z = p12 + s2 * C2;
-        const double d2 = x * x + y * y + z * z;
-        if (d2 <= cut2 && !(zero01 && s2 == 0)) emit(s0, s1, s2, d2);
-      }
+      if (lo2 <= hi2) row(s0, s1, lo2, hi2);
     }
   }
+}
+
+// Frame coordinates rot @ v (see StructInfo).
+UAE_HD void to_frame(const StructInfo& S, const double* v, double* f) {
+  for (int k = 0; k < 3; ++k) f[k] = S.rot[3 * k] * v[0] + S.rot[3 * k + 1] * v[1] + S.rot[3 * k + 2] * v[2];
+}
+
+// Image vector s'@cell, in the oracle's order of operations.
+UAE_HD void image_vec(const StructInfo& S, double s0, double s1, double s2, double* sv) {
+  for (int k = 0; k < 3; ++k)
+    sv[k] = add_rn(add_rn(mul_rn(s0, S.cell[k]), mul_rn(s1, S.cell[3 + k])), mul_rn(s2, S.cell[6 + k]));
+}
+
+// Every image s' of atom j (wrapped frame) within cutoff of atom i, in lexicographic order of s'
+// (one pair at a time: the CUDA kernel's search). emit(s0, s1, s2, d2) with d2 from image_d2.
+template <class Emit>
+UAE_HD void pair_images(const StructInfo& S, const double* wi, const double* wj, bool same, double cutoff,
+                        Emit&& emit) {
+  const double cut2 = cutoff * cutoff;
+  const double dc[3] = {wj[0] - wi[0], wj[1] - wi[1], wj[2] - wi[2]};
+  double D[3];
+  to_frame(S, dc, D);
+  image_rows(S, D, D, cutoff, [&](int64_t s0, int64_t s1, int64_t lo2, int64_t hi2) {
+    const bool zero01 = same && s0 == 0 && s1 == 0;
+    for (int64_t s2 = lo2; s2 <= hi2; ++s2) {
+      if (zero01 && s2 == 0) continue;
+      const double d2 = image_d2(S, wi, wj, (double)s0, (double)s1, (double)s2);
+      if (d2 <= cut2) emit(s0, s1, s2, d2);
+    }
+  });
 }
 
 }  // namespace uae_dist

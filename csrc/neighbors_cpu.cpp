@@ -1,6 +1,13 @@
-// CPU periodic neighbour list: per structure either a pruned brute force over images (small cells,
-// long cutoffs: the usual case for crystals) or a cell list (binning, linear in atoms) for large cells.
+// CPU periodic neighbour list: per structure either an image-major brute force (small cells, long
+// cutoffs: the usual case for crystals) or a cell list (binning, linear in atoms) for large cells.
 // Parallel (at::parallel_for -> OpenMP, honours torch.get_num_threads()) across structures and atoms.
+//
+// Brute force, per centre i: the images s' that can bring any atom of the structure within the
+// cutoff are enumerated once (image_rows over the box spanned by all atoms), and for each image the
+// distances to all n atoms are computed in one branch-free loop over structure-of-arrays positions
+// (vectorised), then compacted. A pair-by-pair search pays its pruning per (i, j) pair; here it is
+// paid per (i, s') and the inner loop is a plain SIMD sweep. Hits are put in (j, s') order by a
+// stable counting sort on j. The distance is the oracle's float64 expression, (w_j + s'@cell) - w_i.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,6 +22,10 @@
 #include <vector>
 
 #include "neighbors_common.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 namespace uae_dist {
 namespace {
@@ -35,7 +46,33 @@ struct Structure {
   int64_t p0 = 0, p1 = 0;
   bool use_cell = false;
   Grid grid;
+  // brute force: wrapped positions as structure of arrays, and their box in the triangular frame
+  std::vector<double> x, y, z;
+  double flo[3] = {0, 0, 0}, fhi[3] = {0, 0, 0};
 };
+
+void prep_brute(const double* W, Structure& T) {
+  const int64_t n = T.p1 - T.p0;
+  T.x.resize(n);
+  T.y.resize(n);
+  T.z.resize(n);
+  for (int k = 0; k < 3; ++k) {
+    T.flo[k] = INFINITY;
+    T.fhi[k] = -INFINITY;
+  }
+  for (int64_t a = 0; a < n; ++a) {
+    const double* w = W + 3 * (T.p0 + a);
+    T.x[a] = w[0];
+    T.y[a] = w[1];
+    T.z[a] = w[2];
+    double f[3];
+    to_frame(T.S, w, f);
+    for (int k = 0; k < 3; ++k) {
+      T.flo[k] = std::min(T.flo[k], f[k]);
+      T.fhi[k] = std::max(T.fhi[k], f[k]);
+    }
+  }
+}
 
 // Grid with bins at least `cutoff` thick along each plane normal (fractional coordinates).
 void plan_grid(const StructInfo& S, const double* frac, int64_t n_atoms, double cutoff, Grid& g) {
@@ -132,39 +169,24 @@ struct HitBuf {
     TORCH_CHECK(j && s && d2, "neighbor_list: out of memory (", c, " pairs)");
     cap = c;
   }
+  void grow(int64_t extra) {
+    if (n + extra > cap) reserve(std::max<int64_t>(n + extra, 2 * cap));
+  }
+  // after grow(): no capacity check (centre_search); i is implied by the caller
+  inline void put(int64_t /*i*/, int64_t jj, int64_t a, int64_t b, int64_t c, double dd) {
+    j[n] = jj;
+    s[3 * n] = a;
+    s[3 * n + 1] = b;
+    s[3 * n + 2] = c;
+    d2[n] = dd;
+    ++n;
+  }
   inline void push(int64_t jj, int64_t a, int64_t b, int64_t c, double dd) {
     if (n == cap) reserve(std::max<int64_t>(1024, 2 * cap));
     j[n] = jj;
     s[3 * n] = a;
     s[3 * n + 1] = b;
     s[3 * n + 2] = c;
-    if (need_d) d2[n] = dd;
-    ++n;
-  }
-};
-
-// Image lists of atom pairs (brute-force path): s' as int32 triples (+ d2 with max_neighbors).
-struct PairBuf {
-  int32_t* s = nullptr;
-  double* d2 = nullptr;
-  int64_t n = 0, cap = 0;
-  bool need_d = false;
-  PairBuf() = default;
-  PairBuf(const PairBuf&) = delete;
-  PairBuf& operator=(const PairBuf&) = delete;
-  ~PairBuf() { std::free(s); std::free(d2); }
-  void reserve(int64_t c) {
-    if (c <= cap) return;
-    s = static_cast<int32_t*>(std::realloc(s, 3 * sizeof(int32_t) * c));
-    d2 = static_cast<double*>(std::realloc(d2, sizeof(double) * c));  // always: need_d may change
-    TORCH_CHECK(s && d2, "neighbor_list: out of memory (", c, " pairs)");
-    cap = c;
-  }
-  inline void push(int64_t a, int64_t b, int64_t c, double dd) {
-    if (n == cap) reserve(std::max<int64_t>(1024, 2 * cap));
-    s[3 * n] = static_cast<int32_t>(a);
-    s[3 * n + 1] = static_cast<int32_t>(b);
-    s[3 * n + 2] = static_cast<int32_t>(c);
     if (need_d) d2[n] = dd;
     ++n;
   }
@@ -283,15 +305,22 @@ class BlockCache {
     while ((size_t(1) << k) < bytes) ++k;
     return k;
   }
-  void* take(int k) {
+  // A block of at least 2^k bytes: a cached one of class k or k + 1 (k is updated to the class
+  // taken: give() it back with that), else a fresh one. Fresh memory costs a page fault and a zeroed
+  // page per 4 KiB on first write, ~25x the write itself: batched outputs of varying size reuse the
+  // next class up rather than fault in a new block.
+  void* take(int& k) {
     if (k < kMaxClass) {
       std::lock_guard<std::mutex> g(mu_);
-      auto& v = free_[k];
-      if (!v.empty()) {
-        void* p = v.back();
-        v.pop_back();
-        cached_ -= size_t(1) << k;
-        return p;
+      for (int c = k; c <= k + 1 && c < kMaxClass; ++c) {
+        auto& v = free_[c];
+        if (!v.empty()) {
+          void* p = v.back();
+          v.pop_back();
+          cached_ -= size_t(1) << c;
+          k = c;
+          return p;
+        }
       }
     }
     return std::malloc(size_t(1) << k);
@@ -311,7 +340,7 @@ class BlockCache {
 
  private:
   static constexpr int kMaxClass = 27;                 // blocks up to 64 MiB ...
-  static constexpr size_t kMaxCached = size_t(96) << 20;  // ... and at most 96 MiB kept in all
+  static constexpr size_t kMaxCached = size_t(192) << 20;  // ... and at most 192 MiB kept in all
   std::mutex mu_;
   std::vector<void*> free_[kMaxClass];
   size_t cached_ = 0;
@@ -321,16 +350,204 @@ at::Tensor pooled_tensor(void* p, int k, at::IntArrayRef sizes, const at::Tensor
   return at::from_blob(p, sizes, [k](void* q) { BlockCache::get().give(q, k); }, opts);
 }
 
+// An uninitialised (rows, cols) tensor of elem_size-byte elements in a recycled block.
+at::Tensor pooled_empty(int64_t rows, int64_t cols, size_t elem_size, const at::TensorOptions& opts) {
+  int k = BlockCache::size_class(std::max<size_t>(1, elem_size * rows * cols));
+  void* p = BlockCache::get().take(k);
+  TORCH_CHECK(p, "neighbor_list: out of memory (", rows, " pairs)");
+  if (cols == 1) return pooled_tensor(p, k, {rows}, opts);
+  return pooled_tensor(p, k, {rows, cols}, opts);
+}
+
+
+// Distances from w_i to w_j + s'@cell for every candidate image k < npad (npad a multiple of 4),
+// the oracle's (w_j + s'@cell) - w_i then x*x + y*y + z*z, into d; hits (d <= cut2) as bits of mask
+// (zeroed by the caller). IEEE add/sub/mul in every variant, never contracted: results are
+// identical whatever the vector width.
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2"))) void sweep_avx2(const double* w, const double* wi, const double* sx,
+                                                const double* sy, const double* sz, int64_t npad,
+                                                double cut2, double* d, uint64_t* mask) {
+  const __m256d vj0 = _mm256_set1_pd(w[0]), vj1 = _mm256_set1_pd(w[1]), vj2 = _mm256_set1_pd(w[2]);
+  const __m256d vi0 = _mm256_set1_pd(wi[0]), vi1 = _mm256_set1_pd(wi[1]), vi2 = _mm256_set1_pd(wi[2]);
+  const __m256d vc = _mm256_set1_pd(cut2);
+  for (int64_t k = 0; k < npad; k += 4) {
+    const __m256d vx = _mm256_sub_pd(_mm256_add_pd(vj0, _mm256_loadu_pd(sx + k)), vi0);
+    const __m256d vy = _mm256_sub_pd(_mm256_add_pd(vj1, _mm256_loadu_pd(sy + k)), vi1);
+    const __m256d vz = _mm256_sub_pd(_mm256_add_pd(vj2, _mm256_loadu_pd(sz + k)), vi2);
+    const __m256d dd = _mm256_add_pd(_mm256_add_pd(_mm256_mul_pd(vx, vx), _mm256_mul_pd(vy, vy)),
+                                     _mm256_mul_pd(vz, vz));
+    _mm256_storeu_pd(d + k, dd);
+    const uint64_t bits = static_cast<uint64_t>(_mm256_movemask_pd(_mm256_cmp_pd(dd, vc, _CMP_LE_OQ)));
+    mask[k >> 6] |= bits << (k & 63);
+  }
+}
+const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+#else
+constexpr bool kHasAvx2 = false;
+#endif
+
+void sweep(const double* w, const double* wi, const double* sx, const double* sy, const double* sz,
+           int64_t npad, double cut2, double* d, uint64_t* mask) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (kHasAvx2) return sweep_avx2(w, wi, sx, sy, sz, npad, cut2, d, mask);
+#endif
+#if defined(__SSE2__)
+  const __m128d vj0 = _mm_set1_pd(w[0]), vj1 = _mm_set1_pd(w[1]), vj2 = _mm_set1_pd(w[2]);
+  const __m128d vi0 = _mm_set1_pd(wi[0]), vi1 = _mm_set1_pd(wi[1]), vi2 = _mm_set1_pd(wi[2]);
+  const __m128d vc = _mm_set1_pd(cut2);
+  for (int64_t k = 0; k < npad; k += 2) {
+    const __m128d vx = _mm_sub_pd(_mm_add_pd(vj0, _mm_loadu_pd(sx + k)), vi0);
+    const __m128d vy = _mm_sub_pd(_mm_add_pd(vj1, _mm_loadu_pd(sy + k)), vi1);
+    const __m128d vz = _mm_sub_pd(_mm_add_pd(vj2, _mm_loadu_pd(sz + k)), vi2);
+    const __m128d dd =
+        _mm_add_pd(_mm_add_pd(_mm_mul_pd(vx, vx), _mm_mul_pd(vy, vy)), _mm_mul_pd(vz, vz));
+    _mm_storeu_pd(d + k, dd);
+    const uint64_t bits = static_cast<uint64_t>(_mm_movemask_pd(_mm_cmple_pd(dd, vc)));
+    mask[k >> 6] |= bits << (k & 63);
+  }
+#else
+  for (int64_t k = 0; k < npad; ++k) {
+    const double vx = (w[0] + sx[k]) - wi[0], vy = (w[1] + sy[k]) - wi[1], vz = (w[2] + sz[k]) - wi[2];
+    d[k] = vx * vx + vy * vy + vz * vz;
+    mask[k >> 6] |= static_cast<uint64_t>(d[k] <= cut2) << (k & 63);
+  }
+#endif
+}
+
+// Per-thread scratch of the image-major search.
+struct CentreScratch {
+  std::vector<int32_t> img;            // s' of the centre's candidate images, 3 per image
+  std::vector<double> svx, svy, svz;   // their vectors s'@cell
+  std::vector<double> d2;              // distances of one j to every image
+  std::vector<uint64_t> mask;          // which of them are hits, one bit per image
+};
+
+// Image-major brute force for centre i (global index) of structure T; hits appended to `out`
+// (HitBuf, or the final OutBuf when nothing is capped) sorted by (j, shift). The candidate images (those that can bring any
+// atom of the structure within the cutoff) are listed once; then, for each j in ascending order,
+// one vectorised sweep over them computes every distance and a branch-free compaction keeps the
+// hits, already in lexicographic order of s'.
+template <class Out>
+void centre_search(const Structure& T, int64_t i, const int64_t* O, double cutoff, CentreScratch& X,
+                   Out& out) {
+  const StructInfo& S = T.S;
+  const int64_t n = T.p1 - T.p0, li = i - T.p0;
+  const double wi0 = T.x[li], wi1 = T.y[li], wi2 = T.z[li];
+  const double wi[3] = {wi0, wi1, wi2};
+  double fi[3], Dlo[3], Dhi[3];
+  to_frame(S, wi, fi);
+  for (int k = 0; k < 3; ++k) {
+    Dlo[k] = T.flo[k] - fi[k];
+    Dhi[k] = T.fhi[k] - fi[k];
+  }
+  X.img.clear();
+  X.svx.clear();
+  X.svy.clear();
+  X.svz.clear();
+  int64_t k0 = -1;  // the zero image (self pair excluded there)
+  image_rows(S, Dlo, Dhi, cutoff, [&](int64_t s0, int64_t s1, int64_t lo2, int64_t hi2) {
+    for (int64_t s2 = lo2; s2 <= hi2; ++s2) {
+      if (s0 == 0 && s1 == 0 && s2 == 0) k0 = static_cast<int64_t>(X.svx.size());
+      X.img.push_back(static_cast<int32_t>(s0));
+      X.img.push_back(static_cast<int32_t>(s1));
+      X.img.push_back(static_cast<int32_t>(s2));
+      double sv[3];
+      image_vec(S, (double)s0, (double)s1, (double)s2, sv);
+      X.svx.push_back(sv[0]);
+      X.svy.push_back(sv[1]);
+      X.svz.push_back(sv[2]);
+    }
+  });
+  const int64_t nimg = static_cast<int64_t>(X.svx.size());
+  if (nimg == 0) return;
+  // pad to whole SIMD vectors with a far image: its distance is inf, never a hit
+  const int64_t npad = (nimg + 3) & ~int64_t(3);
+  for (int64_t k = nimg; k < npad; ++k) {
+    X.svx.push_back(1e200);
+    X.svy.push_back(1e200);
+    X.svz.push_back(1e200);
+  }
+  const int64_t nwords = (npad + 63) / 64;
+  X.d2.resize(npad);
+  X.mask.resize(nwords);
+  const double cut2 = cutoff * cutoff;
+  const double* __restrict__ sx = X.svx.data();
+  const double* __restrict__ sy = X.svy.data();
+  const double* __restrict__ sz = X.svz.data();
+  double* __restrict__ d = X.d2.data();
+  uint64_t* __restrict__ mask = X.mask.data();
+  const int32_t* img = X.img.data();
+  const int64_t oi0 = O[3 * i], oi1 = O[3 * i + 1], oi2 = O[3 * i + 2];
+  for (int64_t lj = 0; lj < n; ++lj) {
+    const double wj[3] = {T.x[lj], T.y[lj], T.z[lj]};
+    std::fill(mask, mask + nwords, uint64_t(0));
+    sweep(wj, wi, sx, sy, sz, npad, cut2, d, mask);
+    if (lj == li && k0 >= 0) mask[k0 >> 6] &= ~(uint64_t(1) << (k0 & 63));
+    out.grow(nimg);
+    const int64_t j = T.p0 + lj;
+    const int64_t o0 = oi0 - O[3 * j], o1 = oi1 - O[3 * j + 1], o2 = oi2 - O[3 * j + 2];
+    for (int64_t w = 0; w < nwords; ++w) {  // set bits in ascending k: lexicographic s'
+      for (uint64_t bits = mask[w]; bits; bits &= bits - 1) {
+        const int64_t k = 64 * w + __builtin_ctzll(bits);
+        const int32_t* sp = img + 3 * k;
+        out.put(i, j, sp[0] + o0, sp[1] + o1, sp[2] + o2, d[k]);
+      }
+    }
+  }
+}
+
+struct Scratch {
+  CentreScratch cs;
+  HitBuf hb;
+};
+
+// Hits of atom i into Bf, sorted by (j, shift) and capped to max_neighbors when kcap >= 0.
+void search_atom(const Structure& T, int64_t i, const double* W, const int64_t* O, double cutoff,
+                 int64_t kcap, Scratch& X, HitBuf& Bf) {
+  Bf.need_d = kcap >= 0;
+  if (T.use_cell) {
+    cell_search(T, i, W, O, cutoff, kcap, Bf);
+  } else {
+    const int64_t h0 = Bf.n;
+    centre_search(T, i, O, cutoff, X.cs, Bf);
+    if (kcap >= 0) cap_hits(Bf, h0, kcap);
+  }
+}
+
+// Output dtypes: int64 (i, j, shift), or compact: int32 (i, j) and int8 (shift).
+template <class I, class Sh>
+struct Types {
+  static constexpr bool compact = sizeof(Sh) == 1;
+  static at::ScalarType index_type() { return compact ? at::kInt : at::kLong; }
+  static at::ScalarType shift_type() { return compact ? at::kChar : at::kLong; }
+  static bool fits(int64_t v) { return !compact || (v >= -128 && v <= 127); }
+};
+
+// Copy m hits of centre i into typed (i, j, s) arrays at row e; false if a shift overflows Sh.
+template <class I, class Sh>
+bool put_hits(I* oi, I* oj, Sh* os, int64_t e, int64_t i, const int64_t* j, const int64_t* s, int64_t m) {
+  std::fill(oi + e, oi + e + m, static_cast<I>(i));
+  for (int64_t q = 0; q < m; ++q) oj[e + q] = static_cast<I>(j[q]);
+  bool ok = true;
+  for (int64_t q = 0; q < 3 * m; ++q) {
+    ok &= Types<I, Sh>::fits(s[q]);
+    os[3 * e + q] = static_cast<Sh>(s[q]);
+  }
+  return ok;
+}
+
 // Output growing by whole atoms; handed to the tensors without a copy. In `pooled` mode (serial calls)
-// the first allocation (exact size, or the `hint` estimate) comes from BlockCache; outgrowing it
-// moves the data to malloc/realloc'd arrays.
+// the first allocation (the `hint` estimate) comes from BlockCache; outgrowing it moves the data to
+// malloc/realloc'd arrays.
+template <class I, class Sh>
 struct OutBuf {
-  int64_t* i = nullptr;
-  int64_t* j = nullptr;
-  int64_t* s = nullptr;
+  I* i = nullptr;
+  I* j = nullptr;
+  Sh* s = nullptr;
   int64_t n = 0, cap = 0, hint = 0;
-  bool pooled = false;
-  int ki = 0, ks = 0;
+  bool pooled = false, ok = true;
+  int ki = 0, kj = 0, ks = 0;
   OutBuf() = default;
   OutBuf(const OutBuf&) = delete;
   OutBuf& operator=(const OutBuf&) = delete;
@@ -338,37 +555,39 @@ struct OutBuf {
   void release() {
     if (pooled) {
       if (i) BlockCache::get().give(i, ki);
-      if (j) BlockCache::get().give(j, ki);
+      if (j) BlockCache::get().give(j, kj);
       if (s) BlockCache::get().give(s, ks);
     } else {
       std::free(i);
       std::free(j);
       std::free(s);
     }
-    i = j = s = nullptr;
+    i = j = nullptr;
+    s = nullptr;
   }
-  void ensure(int64_t extra) {
+  void grow(int64_t extra) {
     if (n + extra <= cap) return;
     if (pooled && cap == 0) {
       const int64_t c = std::max<int64_t>({n + extra, hint, 1});
-      ki = BlockCache::size_class(sizeof(int64_t) * c);
-      ks = BlockCache::size_class(3 * sizeof(int64_t) * c);
-      i = static_cast<int64_t*>(BlockCache::get().take(ki));
-      j = static_cast<int64_t*>(BlockCache::get().take(ki));
-      s = static_cast<int64_t*>(BlockCache::get().take(ks));
+      ki = kj = BlockCache::size_class(sizeof(I) * c);
+      ks = BlockCache::size_class(3 * sizeof(Sh) * c);
+      i = static_cast<I*>(BlockCache::get().take(ki));
+      j = static_cast<I*>(BlockCache::get().take(kj));
+      s = static_cast<Sh*>(BlockCache::get().take(ks));
       TORCH_CHECK(i && j && s, "neighbor_list: out of memory (", c, " pairs)");
-      cap = std::min<int64_t>((int64_t(1) << ki) / 8, (int64_t(1) << ks) / 24);
+      cap = std::min<int64_t>((int64_t(1) << std::min(ki, kj)) / sizeof(I),
+                              (int64_t(1) << ks) / (3 * sizeof(Sh)));
       return;
     }
     const int64_t c = std::max<int64_t>(n + extra, cap + cap / 2 + 256);
     if (pooled) {  // outgrew the pooled blocks: continue in malloc'd memory
-      int64_t* ni = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * c));
-      int64_t* nj = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * c));
-      int64_t* ns = static_cast<int64_t*>(std::malloc(3 * sizeof(int64_t) * c));
+      I* ni = static_cast<I*>(std::malloc(sizeof(I) * c));
+      I* nj = static_cast<I*>(std::malloc(sizeof(I) * c));
+      Sh* ns = static_cast<Sh*>(std::malloc(3 * sizeof(Sh) * c));
       TORCH_CHECK(ni && nj && ns, "neighbor_list: out of memory (", c, " pairs)");
-      std::memcpy(ni, i, sizeof(int64_t) * n);
-      std::memcpy(nj, j, sizeof(int64_t) * n);
-      std::memcpy(ns, s, 3 * sizeof(int64_t) * n);
+      std::memcpy(ni, i, sizeof(I) * n);
+      std::memcpy(nj, j, sizeof(I) * n);
+      std::memcpy(ns, s, 3 * sizeof(Sh) * n);
       release();
       pooled = false;
       i = ni;
@@ -377,116 +596,41 @@ struct OutBuf {
       cap = c;
       return;
     }
-    i = static_cast<int64_t*>(std::realloc(i, sizeof(int64_t) * c));
-    j = static_cast<int64_t*>(std::realloc(j, sizeof(int64_t) * c));
-    s = static_cast<int64_t*>(std::realloc(s, 3 * sizeof(int64_t) * c));
+    i = static_cast<I*>(std::realloc(i, sizeof(I) * c));
+    j = static_cast<I*>(std::realloc(j, sizeof(I) * c));
+    s = static_cast<Sh*>(std::realloc(s, 3 * sizeof(Sh) * c));
     TORCH_CHECK(i && j && s, "neighbor_list: out of memory (", c, " pairs)");
     cap = c;
   }
+  // after grow(): no capacity check (centre_search writes here directly when nothing is capped)
+  inline void put(int64_t ci, int64_t cj, int64_t a, int64_t b, int64_t c, double /*d2*/) {
+    ok &= Types<I, Sh>::fits(a) & Types<I, Sh>::fits(b) & Types<I, Sh>::fits(c);
+    i[n] = static_cast<I>(ci);
+    j[n] = static_cast<I>(cj);
+    s[3 * n] = static_cast<Sh>(a);
+    s[3 * n + 1] = static_cast<Sh>(b);
+    s[3 * n + 2] = static_cast<Sh>(c);
+    ++n;
+  }
+  void append(int64_t ci, const HitBuf& H) {
+    grow(H.n);
+    ok &= put_hits<I, Sh>(i, j, s, n, ci, H.j, H.s, H.n);
+    n += H.n;
+  }
 };
 
-struct Scratch {
-  PairBuf pb;
-  HitBuf hb;
-  std::vector<int64_t> poff;
-  std::vector<int32_t> pcnt;
-  std::vector<int64_t> cnt;
-  std::vector<double> limit, dd;
-};
+using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// Brute force for one structure, using the pair symmetry: only j >= i is searched and (j, i) is the
-// mirror image (-s', the very same float64 distance: IEEE rounding is symmetric under negation).
-void brute_structure(const Structure& T, const double* W, const int64_t* O, double cutoff, int64_t kcap,
-                     Scratch& X, OutBuf& out) {
-  const int64_t n = T.p1 - T.p0;
-  const StructInfo& S = T.S;
-  const bool need_d = kcap >= 0;
-  PairBuf& P = X.pb;
-  P.need_d = need_d;
-  P.n = 0;
-  X.poff.resize(n * (n + 1) / 2);
-  X.pcnt.resize(n * (n + 1) / 2);
-  int64_t* poff = X.poff.data();
-  int32_t* pcnt = X.pcnt.data();
-  auto tri = [n](int64_t a, int64_t b) { return a * n - a * (a - 1) / 2 + (b - a); };
-  for (int64_t li = 0, t = 0; li < n; ++li) {
-    const double* wi = W + 3 * (T.p0 + li);
-    for (int64_t lj = li; lj < n; ++lj, ++t) {
-      const int64_t h0 = P.n;
-      pair_images(S, wi, W + 3 * (T.p0 + lj), li == lj, cutoff,
-                  [&](int64_t s0, int64_t s1, int64_t s2, double d2) { P.push(s0, s1, s2, d2); });
-      poff[t] = h0;
-      pcnt[t] = static_cast<int32_t>(P.n - h0);
-    }
-  }
-  X.cnt.assign(n, 0);
-  X.limit.assign(need_d ? n : 0, INFINITY);
-  for (int64_t la = 0; la < n; ++la) {
-    int64_t c = 0;
-    for (int64_t lb = 0; lb < la; ++lb) c += pcnt[tri(lb, la)];
-    for (int64_t lj = la, t = tri(la, la); lj < n; ++lj, ++t) c += pcnt[t];
-    if (need_d && c > kcap) {
-      X.dd.clear();
-      for (int64_t lb = 0; lb < la; ++lb) {
-        const int64_t t = tri(lb, la);
-        for (int64_t q = 0; q < pcnt[t]; ++q) X.dd.push_back(std::sqrt(P.d2[poff[t] + q]));
-      }
-      for (int64_t lj = la, t = tri(la, la); lj < n; ++lj, ++t)
-        for (int64_t q = 0; q < pcnt[t]; ++q) X.dd.push_back(std::sqrt(P.d2[poff[t] + q]));
-      std::nth_element(X.dd.begin(), X.dd.begin() + (kcap - 1), X.dd.end());
-      X.limit[la] = X.dd[kcap - 1] + kTieTol;
-      c = 0;
-      for (double x : X.dd) c += x <= X.limit[la];
-    }
-    X.cnt[la] = c;
-  }
-  int64_t total = 0;
-  for (int64_t la = 0; la < n; ++la) total += X.cnt[la];
-  out.ensure(total);
-  int64_t e = out.n;
-  for (int64_t la = 0; la < n; ++la) {
-    const int64_t a = T.p0 + la;
-    std::fill(out.i + e, out.i + e + X.cnt[la], a);
-    const int64_t oa0 = O[3 * a], oa1 = O[3 * a + 1], oa2 = O[3 * a + 2];
-    const double lim = need_d ? X.limit[la] : INFINITY;
-    const bool check = need_d && std::isfinite(lim);
-    for (int64_t lb = 0; lb < la; ++lb) {  // mirrored: (b, a, s') -> (a, b, -s'), reversed order
-      const int64_t t = tri(lb, la);
-      const int64_t jb = T.p0 + lb;
-      const int32_t* sp = P.s + 3 * poff[t];
-      const int64_t o0 = oa0 - O[3 * jb], o1 = oa1 - O[3 * jb + 1], o2 = oa2 - O[3 * jb + 2];
-      for (int64_t q = pcnt[t] - 1; q >= 0; --q) {
-        if (check && !(std::sqrt(P.d2[poff[t] + q]) <= lim)) continue;
-        out.j[e] = jb;
-        out.s[3 * e] = o0 - sp[3 * q];
-        out.s[3 * e + 1] = o1 - sp[3 * q + 1];
-        out.s[3 * e + 2] = o2 - sp[3 * q + 2];
-        ++e;
-      }
-    }
-    for (int64_t lj = la, t = tri(la, la); lj < n; ++lj, ++t) {
-      const int64_t jj = T.p0 + lj;
-      const int32_t* sp = P.s + 3 * poff[t];
-      const int64_t o0 = oa0 - O[3 * jj], o1 = oa1 - O[3 * jj + 1], o2 = oa2 - O[3 * jj + 2];
-      for (int64_t q = 0; q < pcnt[t]; ++q) {
-        if (check && !(std::sqrt(P.d2[poff[t] + q]) <= lim)) continue;
-        out.j[e] = jj;
-        out.s[3 * e] = o0 + sp[3 * q];
-        out.s[3 * e + 1] = o1 + sp[3 * q + 1];
-        out.s[3 * e + 2] = o2 + sp[3 * q + 2];
-        ++e;
-      }
-    }
-  }
-  out.n = e;
+void check_compact(bool ok) {
+  TORCH_CHECK_VALUE(ok, "compact output: a shift does not fit in int8 (use compact=False)");
 }
 
 // Whole structures per task (many small structures, or any call too small to be worth threads): the
 // working set of a structure stays in cache and the output grows in place.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> by_structure(const std::vector<Structure>& st, const double* W,
-                                                            const int64_t* O, const std::vector<double>& swork,
-                                                            const std::vector<double>& sexp, int64_t ntasks,
-                                                            double cutoff, int64_t kcap, at::TensorOptions opts) {
+template <class I, class Sh>
+Triple by_structure(const std::vector<Structure>& st, const double* W, const int64_t* O,
+                    const std::vector<double>& swork, const std::vector<double>& sexp, int64_t ntasks,
+                    double cutoff, int64_t kcap, const at::TensorOptions& opts) {
   const int64_t B = static_cast<int64_t>(st.size());
   ntasks = std::max<int64_t>(1, std::min<int64_t>(ntasks, B));
   // contiguous groups of structures with about equal work
@@ -504,41 +648,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> by_structure(const std::vector<St
     for (int64_t q = 1; q <= ntasks; ++q) lo[q] = std::max(lo[q], lo[q - 1]);
     lo[ntasks] = B;
   }
-  std::vector<OutBuf> out(ntasks);
-  if (ntasks == 1) {
-    out[0].pooled = true;
-    // a single brute-force structure knows its exact size before writing; otherwise start from an estimate
-    if (!(B == 1 && !st[0].use_cell)) {
-      double e = 0;
-      for (double x : sexp) e += x;
-      out[0].hint = static_cast<int64_t>(e * 1.3) + 256;
-    }
+  // every task's output starts in a recycled block (BlockCache) sized by its estimate
+  std::vector<OutBuf<I, Sh>> out(ntasks);
+  for (int64_t t = 0; t < ntasks; ++t) {
+    double e = 0;
+    for (int64_t b = lo[t]; b < lo[t + 1]; ++b) e += sexp[b];
+    out[t].pooled = true;
+    out[t].hint = static_cast<int64_t>(e * 1.3) + 256;
   }
   auto run = [&](int64_t t) {
     // Scratch survives across calls (one per thread): no large malloc per call.
     static thread_local Scratch X;
-    if (!out[t].pooled) {
-      double e = 0;
-      for (int64_t b = lo[t]; b < lo[t + 1]; ++b) e += sexp[b];
-      out[t].ensure(static_cast<int64_t>(e * 1.1) + 64);
-    }
+    OutBuf<I, Sh>& o = out[t];
     for (int64_t b = lo[t]; b < lo[t + 1]; ++b) {
       const Structure& T = st[b];
-      if (!T.use_cell) {
-        brute_structure(T, W, O, cutoff, kcap, X, out[t]);
-        continue;
-      }
-      X.hb.need_d = kcap >= 0;
       for (int64_t i = T.p0; i < T.p1; ++i) {
+        if (!T.use_cell && kcap < 0) {  // straight into the output
+          centre_search(T, i, O, cutoff, X.cs, o);
+          continue;
+        }
         X.hb.n = 0;
-        cell_search(T, i, W, O, cutoff, kcap, X.hb);
-        const int64_t m = X.hb.n;
-        OutBuf& o = out[t];
-        o.ensure(m);
-        std::fill(o.i + o.n, o.i + o.n + m, i);
-        std::memcpy(o.j + o.n, X.hb.j, sizeof(int64_t) * m);
-        std::memcpy(o.s + 3 * o.n, X.hb.s, 3 * sizeof(int64_t) * m);
-        o.n += m;
+        search_atom(T, i, W, O, cutoff, kcap, X, X.hb);
+        o.append(i, X.hb);
       }
     }
   };
@@ -549,55 +680,109 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> by_structure(const std::vector<St
       for (int64_t t = t0; t < t1; ++t) run(t);
     });
   }
-  auto freer = [](void* p) { std::free(p); };
+  for (const auto& o : out) check_compact(o.ok);
+  const auto it = opts.dtype(Types<I, Sh>::index_type());
+  const auto sto = opts.dtype(Types<I, Sh>::shift_type());
   if (ntasks == 1) {
-    OutBuf& o = out[0];
+    OutBuf<I, Sh>& o = out[0];
     const int64_t E = o.n;
-    if (E == 0) return {at::empty({0}, opts), at::empty({0}, opts), at::empty({0, 3}, opts)};
+    if (E == 0) return {at::empty({0}, it), at::empty({0}, it), at::empty({0, 3}, sto)};
     if (o.pooled) {
-      at::Tensor ti = pooled_tensor(o.i, o.ki, {E}, opts);
+      at::Tensor ti = pooled_tensor(o.i, o.ki, {E}, it);
       o.i = nullptr;
-      at::Tensor tj = pooled_tensor(o.j, o.ki, {E}, opts);
+      at::Tensor tj = pooled_tensor(o.j, o.kj, {E}, it);
       o.j = nullptr;
-      at::Tensor ts = pooled_tensor(o.s, o.ks, {E, 3}, opts);
+      at::Tensor ts = pooled_tensor(o.s, o.ks, {E, 3}, sto);
       o.s = nullptr;
       return {ti, tj, ts};
     }
-    at::Tensor ti = at::from_blob(o.i, {E}, freer, opts);
+    auto freer = [](void* p) { std::free(p); };
+    at::Tensor ti = at::from_blob(o.i, {E}, freer, it);
     o.i = nullptr;
-    at::Tensor tj = at::from_blob(o.j, {E}, freer, opts);
+    at::Tensor tj = at::from_blob(o.j, {E}, freer, it);
     o.j = nullptr;
-    at::Tensor ts = at::from_blob(o.s, {E, 3}, freer, opts);
+    at::Tensor ts = at::from_blob(o.s, {E, 3}, freer, sto);
     o.s = nullptr;
     return {ti, tj, ts};
   }
   std::vector<int64_t> off(ntasks + 1, 0);
   for (int64_t t = 0; t < ntasks; ++t) off[t + 1] = off[t] + out[t].n;
   const int64_t E = off[ntasks];
-  at::Tensor ti = at::empty({E}, opts), tj = at::empty({E}, opts), ts = at::empty({E, 3}, opts);
-  int64_t* pi = ti.data_ptr<int64_t>();
-  int64_t* pj = tj.data_ptr<int64_t>();
-  int64_t* ps = ts.data_ptr<int64_t>();
+  at::Tensor ti = pooled_empty(E, 1, sizeof(I), it), tj = pooled_empty(E, 1, sizeof(I), it);
+  at::Tensor ts = pooled_empty(E, 3, sizeof(Sh), sto);
+  I* pi = static_cast<I*>(ti.data_ptr());
+  I* pj = static_cast<I*>(tj.data_ptr());
+  Sh* ps = static_cast<Sh*>(ts.data_ptr());
   at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       if (!out[t].n) continue;
-      std::memcpy(pi + off[t], out[t].i, sizeof(int64_t) * out[t].n);
-      std::memcpy(pj + off[t], out[t].j, sizeof(int64_t) * out[t].n);
-      std::memcpy(ps + 3 * off[t], out[t].s, 3 * sizeof(int64_t) * out[t].n);
+      std::memcpy(pi + off[t], out[t].i, sizeof(I) * out[t].n);
+      std::memcpy(pj + off[t], out[t].j, sizeof(I) * out[t].n);
+      std::memcpy(ps + 3 * off[t], out[t].s, 3 * sizeof(Sh) * out[t].n);
     }
   });
+  return {ti, tj, ts};
+}
+
+// Atoms per task (a few large structures): chunks of atoms search independently into their own hit
+// buffers, then every chunk copies its hits to its offset of the output.
+template <class I, class Sh>
+Triple by_atom(const std::vector<Structure>& st, const std::vector<int64_t>& sid, const double* W,
+               const int64_t* O, double cutoff, int64_t kcap, int64_t nchunks,
+               const at::TensorOptions& opts) {
+  const int64_t N = static_cast<int64_t>(sid.size());
+  nchunks = std::max<int64_t>(1, std::min<int64_t>(nchunks, N));
+  std::vector<int64_t> chunk_lo(nchunks + 1);
+  for (int64_t c = 0; c <= nchunks; ++c) chunk_lo[c] = N * c / nchunks;
+  std::vector<HitBuf> buf(nchunks);
+  std::vector<int64_t> hit_off(N, 0), cnt(N, 0);
+  auto for_chunks = [&](const std::function<void(int64_t)>& f) {
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) f(c);
+    });
+  };
+  for_chunks([&](int64_t c) {
+    static thread_local Scratch X;
+    HitBuf& Bf = buf[c];
+    Bf.n = 0;
+    for (int64_t i = chunk_lo[c]; i < chunk_lo[c + 1]; ++i) {
+      hit_off[i] = Bf.n;
+      search_atom(st[sid[i]], i, W, O, cutoff, kcap, X, Bf);
+      cnt[i] = Bf.n - hit_off[i];
+    }
+  });
+  std::vector<int64_t> aoff(N + 1, 0);
+  for (int64_t a = 0; a < N; ++a) aoff[a + 1] = aoff[a] + cnt[a];
+  const int64_t E = aoff[N];
+  const auto it = opts.dtype(Types<I, Sh>::index_type());
+  const auto sto = opts.dtype(Types<I, Sh>::shift_type());
+  at::Tensor ti = pooled_empty(E, 1, sizeof(I), it), tj = pooled_empty(E, 1, sizeof(I), it);
+  at::Tensor ts = pooled_empty(E, 3, sizeof(Sh), sto);
+  I* pi = static_cast<I*>(ti.data_ptr());
+  I* pj = static_cast<I*>(tj.data_ptr());
+  Sh* ps = static_cast<Sh*>(ts.data_ptr());
+  std::vector<uint8_t> ok(nchunks, 1);
+  for_chunks([&](int64_t c) {
+    for (int64_t a = chunk_lo[c]; a < chunk_lo[c + 1]; ++a) {
+      const int64_t h0 = hit_off[a];
+      ok[c] &= put_hits<I, Sh>(pi, pj, ps, aoff[a], a, buf[c].j + h0, buf[c].s + 3 * h0, cnt[a]);
+    }
+  });
+  for (uint8_t x : ok) check_compact(x);
   return {ti, tj, ts};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbor_list_cpu(
     const at::Tensor& pos_in, const at::Tensor& cell_in, const at::Tensor& pbc_in,
     const std::optional<at::Tensor>& batch_in, double cutoff, std::optional<int64_t> max_neighbors,
-    int64_t method) {
+    int64_t method, bool compact) {
   TORCH_CHECK_VALUE(cutoff > 0, "cutoff must be positive, got ", cutoff);
+  TORCH_CHECK_VALUE(method >= 0 && method <= 2, "method must be 0, 1 or 2");
   TORCH_CHECK_VALUE(!max_neighbors.has_value() || *max_neighbors >= 1, "max_neighbors must be >= 1");
   TORCH_CHECK(pos_in.dim() == 2 && pos_in.size(1) == 3, "pos must be (N, 3)");
   const at::Tensor pos = pos_in.to(at::kDouble).contiguous();
   const int64_t N = pos.size(0);
+  TORCH_CHECK_VALUE(!compact || N <= INT32_MAX, "compact output needs fewer than 2^31 atoms");
   const bool batched = batch_in.has_value();
   at::Tensor cell = cell_in.to(at::kDouble).contiguous();
   at::Tensor pbc = pbc_in.to(at::kBool);
@@ -633,7 +818,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbor_list_cpu(
   std::vector<Structure> st(B);
   std::vector<double> W(3 * N), F(3 * N);
   std::vector<int64_t> O(3 * N);
-  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+  auto prep = [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       Structure& T = st[b];
       T.p0 = ptr[b];
@@ -642,19 +827,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbor_list_cpu(
       if (!T.S.ok) continue;
       for (int64_t a = T.p0; a < T.p1; ++a) wrap_atom(T.S, P + 3 * a, &W[3 * a], &F[3 * a], &O[3 * a]);
       const int64_t n = T.p1 - T.p0;
-      if (method == 1 || n == 0) continue;
-      plan_grid(T.S, &F[3 * T.p0], n, cutoff, T.grid);
-      if (method == 2) {
-        T.use_cell = true;
-      } else {
-        // candidates visited by the cell list relative to the n^2 pairs of the brute force
-        double ratio = 1.0;
-        for (int k = 0; k < 3; ++k) ratio *= double(2 * T.grid.r[k] + 1) / double(T.grid.n[k]);
-        T.use_cell = n >= 64 && ratio <= 0.5;
+      if (method != 1 && n > 0) {
+        plan_grid(T.S, &F[3 * T.p0], n, cutoff, T.grid);
+        if (method == 2) {
+          T.use_cell = true;
+        } else {
+          // Tests per centre: brute force ~ n x images (the images a centre's sphere reaches, about
+          // prod(1 + 2 cutoff / plane spacing) along periodic axes), cell list ~ n x the fraction of
+          // bins it visits, at ~3x the cost per test (measured: benchmarks/neighbors.py --scaling).
+          double ratio = 1.0, images = 1.0;
+          for (int k = 0; k < 3; ++k) {
+            ratio *= double(2 * T.grid.r[k] + 1) / double(T.grid.n[k]);
+            const double bn = std::sqrt(T.S.inv[k] * T.S.inv[k] + T.S.inv[3 + k] * T.S.inv[3 + k] +
+                                        T.S.inv[6 + k] * T.S.inv[6 + k]);
+            if (T.S.pbc[k]) images *= 1.0 + 2.0 * cutoff * bn;  // bn = 1 / plane spacing
+          }
+          T.use_cell = n >= 64 && 3.0 * ratio < images;
+        }
+        if (T.use_cell) build_grid(&F[3 * T.p0], n, T.grid);
       }
-      if (T.use_cell) build_grid(&F[3 * T.p0], n, T.grid);
+      if (!T.use_cell) prep_brute(W.data(), T);
     }
-  });
+  };
+  // a parallel region costs more than preparing a few thousand atoms
+  if (N < 8192) {
+    prep(0, B);
+  } else {
+    at::parallel_for(0, B, 8, prep);
+  }
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK_VALUE(st[b].S.ok, "periodic structure with a singular cell (structure ", b, ")");
 
@@ -686,175 +886,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbor_list_cpu(
   }
   const int64_t nthreads = at::get_num_threads();
   const bool serial = nthreads == 1 || work <= 2e5;
-  if (serial || (B >= 4 * nthreads && max_work * 2 * nthreads <= work)) {
-    return by_structure(st, W.data(), O.data(), swork, sexp, serial ? 1 : std::min<int64_t>(B, 4 * nthreads),
-                        cutoff, kcap, pos_in.options().dtype(at::kLong));
+  const auto opts = pos_in.options();
+  const bool whole = serial || (B >= 4 * nthreads && max_work * 2 * nthreads <= work);
+  const int64_t ntasks = serial ? 1 : std::min<int64_t>(B, 4 * nthreads);
+  if (compact) {
+    if (whole)
+      return by_structure<int32_t, int8_t>(st, W.data(), O.data(), swork, sexp, ntasks, cutoff, kcap, opts);
+    return by_atom<int32_t, int8_t>(st, sid, W.data(), O.data(), cutoff, kcap, nthreads * 8, opts);
   }
-  int64_t nchunks = N == 0 ? 0 : 1;
-  if (nthreads > 1 && work > 2e5) nchunks = std::min<int64_t>(N, nthreads * 8);
-  std::vector<HitBuf> buf(nchunks);   // cell-list structures: final hits per atom
-  std::vector<PairBuf> pbuf(nchunks); // brute-force structures: image lists per pair (i <= j)
-  std::vector<int64_t> chunk_lo(nchunks + 1);
-  for (int64_t c = 0; c <= nchunks; ++c) chunk_lo[c] = nchunks ? N * c / nchunks : 0;
-  std::vector<int32_t> chunk_of(N);
-  for (int64_t c = 0; c < nchunks; ++c)
-    for (int64_t a = chunk_lo[c]; a < chunk_lo[c + 1]; ++a) chunk_of[a] = static_cast<int32_t>(c);
-  // pair tables of the brute-force structures: pair (i, j), i <= j local, at tri(i, j)
-  std::vector<int64_t> pair_base(B + 1, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = st[b].p1 - st[b].p0;
-    pair_base[b + 1] = pair_base[b] + (st[b].use_cell ? 0 : n * (n + 1) / 2);
-  }
-  std::vector<int64_t> pair_off(pair_base[B]);
-  std::vector<int32_t> pair_cnt(pair_base[B]);
-  auto tri = [&](int64_t b, int64_t li, int64_t lj) {
-    const int64_t n = st[b].p1 - st[b].p0;
-    return pair_base[b] + li * n - li * (li - 1) / 2 + (lj - li);
-  };
-  std::vector<int64_t> hit_off(N, 0);  // cell-list atoms: offset of their hits in their chunk's HitBuf
-  const bool need_d = kcap >= 0;
-
-  // Phase 1: neighbours. Brute force uses the pair symmetry: only j >= i is searched, (j, i) is the
-  // mirror image (-s', the very same float64 distance, since IEEE rounding is symmetric under negation).
-  auto run_chunk = [&](int64_t c) {
-    HitBuf& Bf = buf[c];
-    PairBuf& Pb = pbuf[c];
-    const int64_t lo = chunk_lo[c], hi = chunk_lo[c + 1];
-    Bf.need_d = need_d;
-    Pb.need_d = need_d;
-    Bf.count.assign(hi - lo, 0);
-    Pb.reserve(static_cast<int64_t>(0.6 * expect * double(hi - lo) / std::max<double>(N, 1)) + 64);
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t b = sid[i];
-      const Structure& T = st[b];
-      const StructInfo& S = T.S;
-      const double* wi = &W[3 * i];
-      if (!T.use_cell) {
-        const int64_t li = i - T.p0;
-        int64_t t = tri(b, li, li);
-        for (int64_t j = i; j < T.p1; ++j, ++t) {
-          const int64_t h0 = Pb.n;
-          pair_images(S, wi, &W[3 * j], i == j, cutoff, [&](int64_t s0, int64_t s1, int64_t s2, double d2) {
-            Pb.push(s0, s1, s2, d2);
-          });
-          pair_off[t] = h0;
-          pair_cnt[t] = static_cast<int32_t>(Pb.n - h0);
-        }
-        continue;
-      }
-      const int64_t h0 = Bf.n;
-      hit_off[i] = h0;
-      cell_search(T, i, W.data(), O.data(), cutoff, kcap, Bf);
-      Bf.count[i - lo] = Bf.n - h0;
-    }
-  };
-  auto for_chunks = [&](const std::function<void(int64_t)>& f) {
-    if (nchunks == 1) {
-      f(0);
-    } else {
-      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) f(c);
-      });
-    }
-  };
-  for_chunks(run_chunk);
-
-  // Phase 2: per-atom counts (and the max_neighbors distance limit of brute-force atoms).
-  std::vector<int64_t> cnt(N, 0);
-  std::vector<double> limit(need_d ? N : 0, INFINITY);
-  for_chunks([&](int64_t c) {
-    std::vector<double> dd;
-    for (int64_t a = chunk_lo[c]; a < chunk_lo[c + 1]; ++a) {
-      const int64_t b = sid[a];
-      const Structure& T = st[b];
-      if (T.use_cell) {
-        cnt[a] = buf[c].count[a - chunk_lo[c]];
-        continue;
-      }
-      const int64_t la = a - T.p0;
-      int64_t n = 0;
-      for (int64_t lb = 0; lb < la; ++lb) n += pair_cnt[tri(b, lb, la)];
-      const int64_t t0 = tri(b, la, la);
-      for (int64_t lj = la; lj < T.p1 - T.p0; ++lj) n += pair_cnt[t0 + lj - la];
-      if (need_d && n > kcap) {
-        dd.clear();
-        for (int64_t lb = 0; lb < la; ++lb) {
-          const int64_t t = tri(b, lb, la);
-          const double* d = pbuf[chunk_of[T.p0 + lb]].d2 + pair_off[t];
-          for (int64_t q = 0; q < pair_cnt[t]; ++q) dd.push_back(std::sqrt(d[q]));
-        }
-        const double* d = pbuf[c].d2;
-        for (int64_t lj = la; lj < T.p1 - T.p0; ++lj)
-          for (int64_t q = 0; q < pair_cnt[t0 + lj - la]; ++q) dd.push_back(std::sqrt(d[pair_off[t0 + lj - la] + q]));
-        std::nth_element(dd.begin(), dd.begin() + (kcap - 1), dd.end());
-        limit[a] = dd[kcap - 1] + kTieTol;
-        n = 0;
-        for (double x : dd) n += x <= limit[a];
-      }
-      cnt[a] = n;
-    }
-  });
-  std::vector<int64_t> aoff(N + 1, 0);
-  for (int64_t a = 0; a < N; ++a) aoff[a + 1] = aoff[a] + cnt[a];
-  const int64_t E = aoff[N];
-  auto opts = pos_in.options().dtype(at::kLong);
-  at::Tensor ti = at::empty({E}, opts), tj = at::empty({E}, opts), ts = at::empty({E, 3}, opts);
-  int64_t* pi = ti.data_ptr<int64_t>();
-  int64_t* pj = tj.data_ptr<int64_t>();
-  int64_t* ps = ts.data_ptr<int64_t>();
-
-  // Phase 3: write (i, j, shift) sorted by (i, j, shift).
-  for_chunks([&](int64_t c) {
-    for (int64_t a = chunk_lo[c]; a < chunk_lo[c + 1]; ++a) {
-      int64_t e = aoff[a];
-      std::fill(pi + e, pi + aoff[a + 1], a);
-      const int64_t b = sid[a];
-      const Structure& T = st[b];
-      if (T.use_cell) {
-        const HitBuf& Bf = buf[c];
-        const int64_t h0 = hit_off[a];
-        std::memcpy(pj + e, Bf.j + h0, sizeof(int64_t) * cnt[a]);
-        std::memcpy(ps + 3 * e, Bf.s + 3 * h0, 3 * sizeof(int64_t) * cnt[a]);
-        continue;
-      }
-      const int64_t la = a - T.p0;
-      const int64_t oa0 = O[3 * a], oa1 = O[3 * a + 1], oa2 = O[3 * a + 2];
-      const double lim = need_d ? limit[a] : INFINITY;
-      const bool check = need_d && std::isfinite(lim);
-      for (int64_t lb = 0; lb < la; ++lb) {  // mirrored: (b, a, s') -> (a, b, -s'), reversed order
-        const int64_t t = tri(b, lb, la);
-        const int64_t jb = T.p0 + lb;
-        const PairBuf& P = pbuf[chunk_of[jb]];
-        const int32_t* sp = P.s + 3 * pair_off[t];
-        const int64_t o0 = oa0 - O[3 * jb], o1 = oa1 - O[3 * jb + 1], o2 = oa2 - O[3 * jb + 2];
-        for (int64_t q = pair_cnt[t] - 1; q >= 0; --q) {
-          if (check && !(std::sqrt(P.d2[pair_off[t] + q]) <= lim)) continue;
-          pj[e] = jb;
-          ps[3 * e] = o0 - sp[3 * q];
-          ps[3 * e + 1] = o1 - sp[3 * q + 1];
-          ps[3 * e + 2] = o2 - sp[3 * q + 2];
-          ++e;
-        }
-      }
-      const PairBuf& P = pbuf[c];
-      const int64_t t0 = tri(b, la, la);
-      for (int64_t lj = la; lj < T.p1 - T.p0; ++lj) {
-        const int64_t t = t0 + lj - la;
-        const int64_t jj = T.p0 + lj;
-        const int32_t* sp = P.s + 3 * pair_off[t];
-        const int64_t o0 = oa0 - O[3 * jj], o1 = oa1 - O[3 * jj + 1], o2 = oa2 - O[3 * jj + 2];
-        for (int64_t q = 0; q < pair_cnt[t]; ++q) {
-          if (check && !(std::sqrt(P.d2[pair_off[t] + q]) <= lim)) continue;
-          pj[e] = jj;
-          ps[3 * e] = o0 + sp[3 * q];
-          ps[3 * e + 1] = o1 + sp[3 * q + 1];
-          ps[3 * e + 2] = o2 + sp[3 * q + 2];
-          ++e;
-        }
-      }
-    }
-  });
-  return {ti, tj, ts};
+  if (whole)
+    return by_structure<int64_t, int64_t>(st, W.data(), O.data(), swork, sexp, ntasks, cutoff, kcap, opts);
+  return by_atom<int64_t, int64_t>(st, sid, W.data(), O.data(), cutoff, kcap, nthreads * 8, opts);
 }
 
 }  // namespace

@@ -23,13 +23,16 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(uae_dist, m) {
   // Periodic neighbour list. pos (N,3); cell (3,3) or (B,3,3); pbc (3,) or (B,3) bool; batch (N,) sorted
-  // graph ids (None: one structure). Returns i, j (E,) int64 and shift (E,3) int64 sorted by (i,j,shift).
-  // method: 0 auto, 1 pruned brute force over images, 2 cell list (CPU only; for tests/benchmarks).
+  // graph ids (None: one structure). Returns i, j (E,) and shift (E,3) sorted by (i,j,shift): int64,
+  // or with compact=True int32 i, j and int8 shift (11 instead of 40 bytes per pair; a shift outside
+  // [-128, 127] is a ValueError). method: 0 auto, 1 brute force over images, 2 cell list (CPU only;
+  // for tests/benchmarks).
   m.def("neighbor_list(Tensor pos, Tensor cell, Tensor pbc, Tensor? batch, float cutoff, "
-        "int? max_neighbors=None, int method=0) -> (Tensor, Tensor, Tensor)");
-  // Reduce rows of src (E, ...) into dim_size rows by index (E,): reduce in {sum, mean, max, min};
-  // empty rows give 0. sorted=True promises a non-decreasing index (CSR fast path, no sort on CUDA);
-  // the CPU kernel detects sortedness itself.
+        "int? max_neighbors=None, int method=0, bool compact=False) -> (Tensor, Tensor, Tensor)");
+  // Reduce rows of src (E, ...) into dim_size rows by index (E,) on src's device: reduce in
+  // {sum, mean, max, min}; empty rows give 0. sorted=True promises a non-decreasing index (CSR fast
+  // path, no sort on CUDA). A broken promise or an index outside [0, dim_size) is an error: a
+  // ValueError / IndexError on CPU, a device-side assertion on CUDA (no host sync).
   m.def("scatter(Tensor src, Tensor index, int dim_size, str reduce, bool sorted=False) -> Tensor");
   // Softmax of src (E, ...) over the rows that share an index value.
   m.def("segment_softmax(Tensor src, Tensor index, int dim_size, bool sorted=False) -> Tensor");

@@ -243,10 +243,17 @@ void check_inputs(const at::Tensor& src, const at::Tensor& index, int64_t dim_si
   TORCH_CHECK(src.dim() >= 1, "src must have at least one dimension");
   TORCH_CHECK(index.dim() == 1 && index.size(0) == src.size(0), "index must be (E,) with E == src.size(0)");
   TORCH_CHECK_VALUE(dim_size >= 0, "dim_size must be non-negative");
+  TORCH_CHECK(index.device() == src.device(), "index is on ", index.device(), " but src is on ", src.device());
+}
+
+// sorted=True is a promise the CUDA kernels rely on; the CPU pass sees the order for free, so a
+// broken promise is an error here too (same contract on every device).
+void check_sorted(bool promised, const CSR& c) {
+  TORCH_CHECK_VALUE(!promised || c.sorted, "sorted=True but index is not non-decreasing");
 }
 
 at::Tensor scatter_cpu(const at::Tensor& src_in, const at::Tensor& index_in, int64_t dim_size,
-                       c10::string_view reduce, bool /*sorted: detected here*/) {
+                       c10::string_view reduce, bool sorted) {
   check_inputs(src_in, index_in, dim_size);
   const Op op = parse_reduce(reduce);
   const at::Tensor src = src_in.contiguous();
@@ -257,6 +264,7 @@ at::Tensor scatter_cpu(const at::Tensor& src_in, const at::Tensor& index_in, int
   const int64_t E = src.size(0);
   const int64_t F = E > 0 ? src.numel() / E : (dim_size > 0 ? out.numel() / dim_size : 0);
   const CSR c = build_csr(index, dim_size, /*make_perm=*/false);
+  check_sorted(sorted, c);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "uae_scatter_cpu", [&] {
     if (c.sorted) {
       scatter_rows<scalar_t>(src.data_ptr<scalar_t>(), E, F, c, dim_size, op, out.data_ptr<scalar_t>());
@@ -271,7 +279,7 @@ at::Tensor scatter_cpu(const at::Tensor& src_in, const at::Tensor& index_in, int
 }
 
 at::Tensor segment_softmax_cpu(const at::Tensor& src_in, const at::Tensor& index_in, int64_t dim_size,
-                               bool /*sorted*/) {
+                               bool sorted) {
   check_inputs(src_in, index_in, dim_size);
   const at::Tensor src = src_in.contiguous();
   const at::Tensor index = index_in.to(at::kLong).contiguous();
@@ -279,6 +287,7 @@ at::Tensor segment_softmax_cpu(const at::Tensor& src_in, const at::Tensor& index
   const int64_t E = src.size(0);
   const int64_t F = E > 0 ? src.numel() / E : 0;
   const CSR c = build_csr(index, dim_size, /*make_perm=*/false);
+  check_sorted(sorted, c);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "uae_softmax_cpu", [&] {
     if (c.sorted) {
       softmax_rows<scalar_t>(src.data_ptr<scalar_t>(), E, F, c, dim_size, out.data_ptr<scalar_t>());

@@ -1,6 +1,7 @@
-// CUDA scatter (sum/mean/max/min) and segment softmax. The index is turned into CSR segments (a stable
-// device sort unless sorted=True, then searchsorted for row pointers); one thread per (row, feature)
-// reduces its segment: no atomics, deterministic results, coalesced reads along the feature axis.
+// CUDA scatter (sum/mean/max/min) and segment softmax. The index is turned into CSR segments (row
+// counts -> cumsum for row pointers, plus a stable device sort unless sorted=True); one thread per
+// (row, feature) reduces its segment in edge order: no atomics on values, deterministic results,
+// coalesced reads along the feature axis, and no host synchronisation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -9,6 +10,13 @@
 #include <torch/library.h>
 
 #include <limits>
+
+// CUDA_KERNEL_ASSERT_MSG is recent; older torch falls back to the message-less assert.
+#if defined(CUDA_KERNEL_ASSERT_MSG)
+#define UAE_KERNEL_ASSERT(cond, msg) CUDA_KERNEL_ASSERT_MSG(cond, msg)
+#else
+#define UAE_KERNEL_ASSERT(cond, msg) CUDA_KERNEL_ASSERT(cond)
+#endif
 
 namespace uae_dist {
 namespace {
@@ -64,25 +72,48 @@ __global__ void segment_softmax_kernel(const scalar_t* __restrict__ src, const i
   }
 }
 
+// Index contract, checked on the device (no host sync, like torch's own index kernels): every value
+// lies in [0, dim_size), and with sorted=True the index is non-decreasing. A violation is a
+// device-side assertion (the CUDA context then reports "device-side assert triggered"); the kernels
+// never read out of bounds either way, because row pointers come from counts, not from a search
+// that trusts the order.
+__global__ void count_rows_kernel(const int64_t* __restrict__ index, int64_t E, int64_t dim_size,
+                                  bool sorted, unsigned long long* __restrict__ count) {
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < E;
+       e += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t v = index[e];
+    const bool in_range = v >= 0 && v < dim_size;
+    UAE_KERNEL_ASSERT(in_range, "uae_dist scatter: index out of range for dim_size");
+    if (sorted && e > 0) {
+      UAE_KERNEL_ASSERT(index[e - 1] <= v, "uae_dist scatter: sorted=True but index decreases");
+    }
+    if (in_range) atomicAdd(count + v + 1, 1ull);  // count[0] stays 0: ptr = cumsum(count)
+  }
+}
+
+unsigned grid_for(int64_t total, int threads) {
+  const int64_t b = (total + threads - 1) / threads;
+  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(b, 1), 65535 * 32));
+}
+
 struct Segments {
   at::Tensor perm;  // undefined when the index is sorted
-  at::Tensor ptr;
+  at::Tensor ptr;   // (dim_size + 1,) monotone by construction, ptr[dim_size] <= E
 };
 
 Segments make_segments(const at::Tensor& index, int64_t dim_size, bool sorted) {
   Segments s;
-  at::Tensor sorted_index = index;
-  if (index.numel() > 0) {
-    auto mm = at::aminmax(index);
-    TORCH_CHECK_INDEX(std::get<0>(mm).item<int64_t>() >= 0 && std::get<1>(mm).item<int64_t>() < dim_size,
-                      "index out of range for dim_size ", dim_size);
+  const int64_t E = index.numel();
+  at::Tensor count = at::zeros({dim_size + 1}, index.options());
+  if (E > 0) {
+    const int threads = 256;
+    count_rows_kernel<<<grid_for(E, threads), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        index.data_ptr<int64_t>(), E, dim_size, sorted,
+        reinterpret_cast<unsigned long long*>(count.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  if (!sorted) {
-    auto res = index.sort(/*stable=*/true, 0, false);
-    sorted_index = std::get<0>(res);
-    s.perm = std::get<1>(res);
-  }
-  s.ptr = at::searchsorted(sorted_index, at::arange(dim_size + 1, index.options()));
+  if (!sorted) s.perm = std::get<1>(index.sort(/*stable=*/true, 0, false));
+  s.ptr = count.cumsum(0);
   return s;
 }
 
@@ -94,16 +125,13 @@ int op_code(c10::string_view reduce) {
   TORCH_CHECK_VALUE(false, "reduce must be one of sum, mean, max, min; got ", reduce);
 }
 
-unsigned grid_for(int64_t total, int threads) {
-  const int64_t b = (total + threads - 1) / threads;
-  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(b, 1), 65535 * 32));
-}
-
 at::Tensor scatter_cuda(const at::Tensor& src_in, const at::Tensor& index_in, int64_t dim_size,
                         c10::string_view reduce, bool sorted) {
   TORCH_CHECK(src_in.dim() >= 1, "src must have at least one dimension");
   TORCH_CHECK(index_in.dim() == 1 && index_in.size(0) == src_in.size(0), "index must be (E,) with E == src.size(0)");
   TORCH_CHECK_VALUE(dim_size >= 0, "dim_size must be non-negative");
+  TORCH_CHECK(index_in.device() == src_in.device(), "index is on ", index_in.device(),
+              " but src is on ", src_in.device());
   const int op = op_code(reduce);
   const c10::cuda::CUDAGuard guard(src_in.device());
   const at::Tensor src = src_in.contiguous();
@@ -111,13 +139,11 @@ at::Tensor scatter_cuda(const at::Tensor& src_in, const at::Tensor& index_in, in
   std::vector<int64_t> shape(src.sizes().begin(), src.sizes().end());
   shape[0] = dim_size;
   at::Tensor out = at::empty(shape, src.options());
-  const int64_t E = src.size(0);
   const int64_t F = dim_size > 0 ? out.numel() / dim_size : 0;
   if (out.numel() == 0) return out;
   const Segments seg = make_segments(index, dim_size, sorted);
   const int threads = 256;
   auto stream = at::cuda::getCurrentCUDAStream();
-  (void)E;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "uae_scatter_cuda", [&] {
     segment_reduce_kernel<scalar_t><<<grid_for(dim_size * F, threads), threads, 0, stream>>>(
         src.data_ptr<scalar_t>(), seg.perm.defined() ? seg.perm.data_ptr<int64_t>() : nullptr,
@@ -131,6 +157,8 @@ at::Tensor segment_softmax_cuda(const at::Tensor& src_in, const at::Tensor& inde
   TORCH_CHECK(src_in.dim() >= 1, "src must have at least one dimension");
   TORCH_CHECK(index_in.dim() == 1 && index_in.size(0) == src_in.size(0), "index must be (E,) with E == src.size(0)");
   TORCH_CHECK_VALUE(dim_size >= 0, "dim_size must be non-negative");
+  TORCH_CHECK(index_in.device() == src_in.device(), "index is on ", index_in.device(),
+              " but src is on ", src_in.device());
   const c10::cuda::CUDAGuard guard(src_in.device());
   const at::Tensor src = src_in.contiguous();
   const at::Tensor index = index_in.to(at::kLong).contiguous();

@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # Compile-check the CUDA sources of uae_dist._C against a CUDA build of torch, on a machine without a GPU.
 #
-# Creates a throwaway venv with a CUDA torch, copies csrc/ + setup.py + uae_dist/ to a scratch directory
-# (the repository is not touched) and builds the extension with nvcc. Heavy (~6 GB, ~10 min): not for CI.
+# One torch story: the version is the one pinned in requirements.txt (torch==X), taken as the CUDA
+# build that PyPI ships for it (the pinned local wheel is the CPU build of the same version). pip
+# runs with --isolated so that the CPU wheel on a local find-links path is not picked instead.
+# Creates a throwaway venv, copies csrc/ + setup.py + uae_dist/_version.py to a scratch directory
+# (the repository is not touched) and builds the extension with nvcc. Heavy (~3 GB of wheels, ~10 min):
+# not for CI.
 #
-#   scripts/check_cuda_build.sh                 # scratch in /tmp/uae_cuda_check
-#   WORK=/scratch/x TORCH_SPEC=torch==2.14.1 CUDA_HOME=/usr/local/cuda scripts/check_cuda_build.sh
+#   scripts/check_cuda_build.sh                       # scratch in /tmp/uae_cuda_check
+#   WHEELS=/tmp/torch_cuda_wheels scripts/check_cuda_build.sh   # wheels already downloaded there
+#   WORK=/scratch/x CUDA_HOME=/usr/local/cuda scripts/check_cuda_build.sh
 #
-# Exit status 0 and "CUDA build OK" when every .cu/.cpp compiled and linked and the ops registered a
+# Exit status 0 and "CUDA build OK" when every .cu/.cpp compiled and linked and every op registered a
 # CUDA kernel (checked by loading the library; no GPU is needed for that).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WORK="${WORK:-/tmp/uae_cuda_check}"
-TORCH_SPEC="${TORCH_SPEC:-torch==2.14.1}"
+TORCH_PIN="$(grep -E '^torch==' "$REPO/requirements.txt" | head -1 | tr -d '[:space:]')"
+[ -n "$TORCH_PIN" ] || { echo "no torch==X pin in requirements.txt" >&2; exit 2; }
 PYTHON="${PYTHON:-python3.11}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -24,11 +30,16 @@ mkdir -p "$WORK"
 if [ ! -x "$WORK/venv/bin/python" ]; then
   "$PYTHON" -m venv "$WORK/venv"
 fi
-"$WORK/venv/bin/pip" install -q "$TORCH_SPEC" numpy setuptools wheel ninja
-"$WORK/venv/bin/python" - <<'PY'
+PIP_OPTS=(--isolated --disable-pip-version-check -q)
+if [ -n "${WHEELS:-}" ]; then PIP_OPTS+=(--find-links "$WHEELS"); fi
+"$WORK/venv/bin/pip" install "${PIP_OPTS[@]}" "$TORCH_PIN" numpy setuptools wheel ninja
+"$WORK/venv/bin/python" - "$TORCH_PIN" <<'PY'
+import sys
 import torch
+want = sys.argv[1].split("==")[1]
 assert torch.version.cuda, f"{torch.__version__} is not a CUDA build of torch"
-print("torch", torch.__version__, "CUDA", torch.version.cuda)
+assert torch.__version__.split("+")[0] == want, f"torch {torch.__version__}, pinned {want}"
+print("torch", torch.__version__, "CUDA", torch.version.cuda, "(pinned", sys.argv[1] + ")")
 PY
 
 # CUDA library headers (cuSPARSE, cuBLAS, ... included by ATen/cuda) come with the nvidia-* wheels that the

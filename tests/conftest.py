@@ -34,9 +34,17 @@ def pytest_collection_modifyitems(config, items):
     except Exception:  # pragma: no cover
         has_gpu = False
     skip_gpu = pytest.mark.skip(reason="no CUDA device")
+    unguarded = []
     for item in items:
-        if "gpu" in item.keywords and not has_gpu:
-            item.add_marker(skip_gpu)
+        if "gpu" in item.keywords:
+            # a GPU test must prove that the CUDA kernels it tests are there (cuda_kernels fixture):
+            # otherwise a CPU-only build could make "CUDA == CPU" compare the CPU code with itself
+            if "cuda_kernels" not in getattr(item, "fixturenames", ()):
+                unguarded.append(item.nodeid)
+            if not has_gpu:
+                item.add_marker(skip_gpu)
+    if unguarded:
+        raise pytest.UsageError("gpu-marked tests without the cuda_kernels fixture: " + ", ".join(unguarded))
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +55,21 @@ def mp_path():
 @pytest.fixture(scope="session")
 def hoip_path():
     return need_data(HOIP_PATH)
+
+
+@pytest.fixture
+def cuda_kernels():
+    """For `gpu` tests: skip without a CUDA device; with one, fail unless uae_dist._C has CUDA kernels
+    for every op (a GPU test never passes on the CPU code or the pure fallback)."""
+    import torch
+
+    from uae_dist.ops import _ext
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    try:
+        _ext.require_cuda_kernels()
+    except RuntimeError as exc:
+        pytest.fail(f"GPU present but the CUDA kernels are not: {exc}")
 
 
 from _matrix_fixtures import small_run  # noqa: E402,F401  (one matrix run shared by two test files)

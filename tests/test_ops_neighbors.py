@@ -240,21 +240,6 @@ def test_mp_structures_vs_pymatgen(mp_structures, max_neighbors):
         assert len(i) == n_pairs
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
-def test_cuda_matches_cpu(mp_structures):
-    arrs = [arrays(s) for s in mp_structures[:64]] + [arrays(CASES[k]()) for k in CASES]
-    pos = torch.from_numpy(np.concatenate([a[0] for a in arrs]))
-    cell = torch.from_numpy(np.stack([a[1] for a in arrs]))
-    pbc = torch.from_numpy(np.stack([a[2] for a in arrs]))
-    batch = torch.repeat_interleave(torch.arange(len(arrs)), torch.tensor([len(a[0]) for a in arrs]))
-    for k in (None, 12):
-        cpu = neighbor_list(pos, cell, pbc, 6.0, batch=batch, max_neighbors=k)
-        gpu = neighbor_list(pos.cuda(), cell.cuda(), pbc.cuda(), 6.0, batch=batch.cuda(), max_neighbors=k)
-        for a, b in zip(cpu, gpu):
-            assert torch.equal(a, b.cpu())
-
-
 @pytest.mark.skipif(not HAS_EXT, reason="extension not built")
 def test_parallel_paths_match_serial():
     # one large structure split across threads by atoms, and many structures split by structure
@@ -299,6 +284,63 @@ def test_clustered_atoms_outgrow_size_estimate():
         for _ in range(3):  # recycled output blocks
             got = neighbor_list(pos, cell, pbc, 5.0, batch=batch, max_neighbors=k)
             assert_same_arrays([t.numpy() for t in got], ref)
+
+
+@pytest.mark.parametrize("max_neighbors", [None, 7])
+def test_compact_output(backend, max_neighbors):
+    """compact=True: the same list as int32 i/j and int8 shift, from the op, the NumPy wrapper and the
+    reference alike; a shift beyond int8 is a ValueError, never a wrapped value."""
+    arrs = [arrays(CASES[k]()) for k in CASES]
+    for a in arrs:
+        ref = neighbor_list_numpy(*a, 7.0, max_neighbors)
+        for got in (neighbor_list_np(*a, 7.0, max_neighbors, compact=True),
+                    neighbor_list_numpy(*a, 7.0, max_neighbors, compact=True),
+                    [t.numpy() for t in neighbor_list(*(torch.from_numpy(x) for x in a), 7.0,
+                                                      max_neighbors=max_neighbors, compact=True)]):
+            assert [x.dtype for x in got] == [np.int32, np.int32, np.int8]
+            for x, y in zip(got, ref):
+                assert np.array_equal(x.astype(np.int64), y)
+    pos = torch.from_numpy(np.concatenate([a[0] for a in arrs]))
+    cell = torch.from_numpy(np.stack([a[1] for a in arrs]))
+    pbc = torch.from_numpy(np.stack([a[2] for a in arrs]))
+    batch = torch.repeat_interleave(torch.arange(len(arrs)), torch.tensor([len(a[0]) for a in arrs]))
+    wide = neighbor_list(pos, cell, pbc, 7.0, batch=batch, max_neighbors=max_neighbors)
+    narrow = neighbor_list(pos, cell, pbc, 7.0, batch=batch, max_neighbors=max_neighbors, compact=True)
+    assert [t.dtype for t in narrow] == [torch.int32, torch.int32, torch.int8]
+    assert all(torch.equal(x, y.long()) for x, y in zip(wide, narrow))
+    # an atom 160 cells away: its shifts need more than int8
+    far = (np.array([[0.0, 0, 0], [200.0, 0.1, 0]]), np.eye(3) * 1.2, np.ones(3, bool))
+    assert int(np.abs(neighbor_list_np(*far, 1.0)[2]).max()) > 127
+    for call in (lambda: neighbor_list_np(*far, 1.0, compact=True),
+                 lambda: neighbor_list_numpy(*far, 1.0, compact=True)):
+        with pytest.raises(ValueError, match="int8"):
+            call()
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+def test_compact_parallel_paths_and_opcheck():
+    s = CASES["skewed_triclinic"]()
+    s.make_supercell([6, 5, 5])
+    pos, cell, pbc = (torch.from_numpy(a) for a in arrays(s))
+    nt = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for method in (0, 1, 2):
+                wide = torch.ops.uae_dist.neighbor_list(pos, cell, pbc, None, 5.0, None, method, False)
+                narrow = torch.ops.uae_dist.neighbor_list(pos, cell, pbc, None, 5.0, None, method, True)
+                assert all(torch.equal(x, y.long()) for x, y in zip(wide, narrow))
+    finally:
+        torch.set_num_threads(nt)
+    small = [torch.from_numpy(a) for a in arrays(CASES["skewed_triclinic"]())]
+    torch.library.opcheck(torch.ops.uae_dist.neighbor_list.default, (*small, None, 5.0, 3, 0, True))
+
+
+def test_batch_on_another_device_is_an_error():
+    pos = torch.zeros(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="is on"):
+        neighbor_list(pos, torch.eye(3)[None] * 3, torch.ones(1, 3, dtype=torch.bool), 2.0,
+                      batch=torch.zeros(2, dtype=torch.int64, device="meta"))
 
 
 def test_extension_is_built_where_required():

@@ -88,8 +88,9 @@ def test_resolve_env_launchers():
 
 @pytest.mark.gpu
 @pytest.mark.timeout(300)
-def test_single_gpu_bf16(data, tmp_path):
-    """On a GPU machine: nccl backend, bf16 (ds.precision=auto), fp32 consolidated weights in model.safetensors."""
+def test_single_gpu_bf16(cuda_kernels, data, tmp_path):
+    """On a GPU machine: nccl backend, bf16 (ds.precision=auto), fp32 consolidated weights in
+    model.safetensors."""
     out = tmp_path / "run"
     launch("torchrun", data, out, ["train.epochs=1", "train.threads=null"], nproc=1, gpu=True)
     meta = latest_meta(out)

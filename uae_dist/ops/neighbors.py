@@ -6,23 +6,20 @@ import numpy as np
 import torch
 
 from . import _ext
-from .neighbors_ref import neighbor_list_numpy
+from .neighbors_ref import compact_arrays, neighbor_list_numpy
 
 _op = torch.ops.uae_dist.neighbor_list.default if _ext.HAS_EXT else None
 
 
-def _ext_ok(device: torch.device) -> bool:
-    return _ext.HAS_EXT and (device.type == "cpu" or (device.type == "cuda" and _ext.HAS_CUDA_EXT)
-                             or device.type == "meta")
-
-
 def neighbor_list(pos: torch.Tensor, cell, pbc, cutoff: float, batch: torch.Tensor | None = None,
-                  max_neighbors: int | None = None):
-    """Periodic neighbour list ``(i, j, shift)`` (int64; shift (E, 3) in whole cell vectors).
+                  max_neighbors: int | None = None, compact: bool = False):
+    """Periodic neighbour list ``(i, j, shift)`` (shift (E, 3) in whole cell vectors).
 
     One structure: pos (N, 3), cell (3, 3), pbc (3,). Batched: ``batch`` (N,) sorted graph ids, cell
     (B, 3, 3), pbc (B, 3) (or (3,) for all); indices are then global. Sorted by (i, j, shift);
-    ``max_neighbors`` keeps each centre's k nearest plus whole tied shells (``cap_mask``).
+    ``max_neighbors`` keeps each centre's k nearest plus whole tied shells (``cap_mask``). Output
+    dtypes: int64, or with ``compact=True`` int32 ``i``/``j`` and int8 ``shift`` (ValueError if a
+    shift does not fit). Runs on ``pos``'s device (device policy: :mod:`._ext`).
     Vectors/distances: :func:`uae_dist.ops.edge_vectors` (differentiable).
     """
     if not isinstance(pos, torch.Tensor):
@@ -32,10 +29,12 @@ def neighbor_list(pos: torch.Tensor, cell, pbc, cutoff: float, batch: torch.Tens
         cell = torch.as_tensor(cell, device=dev)
     if not isinstance(pbc, torch.Tensor) or pbc.device != dev:
         pbc = torch.as_tensor(pbc, dtype=torch.bool, device=dev)
-    if _ext_ok(dev):
-        return _op(pos, cell, pbc, batch, float(cutoff), max_neighbors, 0)
-    _ext.warn_fallback()
-    return _neighbor_list_fallback(pos, cell, pbc, cutoff, batch, max_neighbors)
+    if batch is not None and batch.device != dev:
+        raise ValueError(f"batch is on {batch.device} but pos is on {dev}")
+    if _ext.use_ext(dev):
+        return _op(pos, cell, pbc, batch, float(cutoff), max_neighbors, 0, bool(compact))
+    i, j, s = _neighbor_list_fallback(pos, cell, pbc, cutoff, batch, max_neighbors)
+    return compact_arrays(i, j, s) if compact else (i, j, s)
 
 
 def _neighbor_list_fallback(pos, cell, pbc, cutoff, batch, max_neighbors):
@@ -60,15 +59,20 @@ def _neighbor_list_fallback(pos, cell, pbc, cutoff, batch, max_neighbors):
     return t(i), t(j), t(s).reshape(-1, 3)
 
 
-def neighbor_list_np(pos, cell, pbc, cutoff: float, max_neighbors: int | None = None):
+def neighbor_list_np(pos, cell, pbc, cutoff: float, max_neighbors: int | None = None,
+                     compact: bool = False):
     """NumPy in, NumPy out, one structure: ``(i, j, shift)`` with the least per-call overhead.
 
-    Same arrays as :func:`neighbor_list_numpy` (the fallback when the extension is missing).
+    Same arrays as :func:`neighbor_list_numpy` (the fallback when the extension is missing): int64 by
+    default; ``compact=True`` returns int32 ``i``/``j`` and int8 ``shift`` (the op writes them
+    directly: 11 instead of 40 bytes per pair), and raises ValueError if a shift does not fit.
     """
     if _op is None:
         _ext.warn_fallback()
-        return neighbor_list_numpy(pos, cell, pbc, cutoff, max_neighbors)
+        out = neighbor_list_numpy(pos, cell, pbc, cutoff, max_neighbors)
+        return compact_arrays(*out) if compact else out
     i, j, s = _op(torch.from_numpy(np.ascontiguousarray(pos, dtype=np.float64)),
                   torch.from_numpy(np.array(cell, dtype=np.float64)),
-                  torch.from_numpy(np.ascontiguousarray(pbc, dtype=bool)), None, float(cutoff), max_neighbors, 0)
+                  torch.from_numpy(np.ascontiguousarray(pbc, dtype=bool)), None, float(cutoff),
+                  max_neighbors, 0, bool(compact))
     return i.numpy(), j.numpy(), s.numpy()

@@ -46,13 +46,24 @@ def cap_mask(i: np.ndarray, d: np.ndarray, max_neighbors: int, tol: float = TIE_
     return keep
 
 
+def compact_arrays(i, j, s):
+    """The compact dtypes of a neighbour list: int32 ``i``/``j``, int8 ``shift`` (11 bytes per pair
+    instead of 40). Raises ValueError if a shift is outside [-128, 127]. NumPy or torch arrays."""
+    if len(s) and int(abs(s).max()) > 127:
+        raise ValueError("compact output: a shift does not fit in int8 (use compact=False)")
+    if isinstance(i, np.ndarray):
+        return i.astype(np.int32), j.astype(np.int32), s.astype(np.int8)
+    import torch
+    return i.to(torch.int32), j.to(torch.int32), s.to(torch.int8)
+
+
 def neighbor_list_numpy(pos, cell, pbc, cutoff: float, max_neighbors: int | None = None,
-                        return_distances: bool = False):
+                        return_distances: bool = False, compact: bool = False):
     """Periodic neighbour list of one structure.
 
     pos: (N, 3) Cartesian; cell: (3, 3) lattice vectors as rows; pbc: (3,) bools.
     Returns ``i, j`` (E,) int64 and ``shift`` (E, 3) int64 (and distances if asked), sorted by
-    ``(i, j, shift)``.
+    ``(i, j, shift)``; ``compact=True``: int32 ``i``/``j`` and int8 ``shift`` (:func:`compact_arrays`).
     """
     pos = np.asarray(pos, dtype=np.float64).reshape(-1, 3)
     cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
@@ -98,6 +109,8 @@ def neighbor_list_numpy(pos, cell, pbc, cutoff: float, max_neighbors: int | None
         i, j, s, d = i[keep], j[keep], s[keep], d[keep]
     order = np.lexsort((s[:, 2], s[:, 1], s[:, 0], j, i))
     i, j, s, d = i[order], j[order], s[order], d[order]
+    if compact:
+        i, j, s = compact_arrays(i, j, s)
     if return_distances:
         return i, j, s, d
     return i, j, s

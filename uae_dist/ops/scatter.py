@@ -13,38 +13,55 @@ from . import _ext
 REDUCTIONS = ("sum", "mean", "max", "min")
 
 
-def _ext_ok(t: torch.Tensor) -> bool:
-    dev = t.device.type
-    return _ext.HAS_EXT and (dev == "cpu" or dev == "meta" or (dev == "cuda" and _ext.HAS_CUDA_EXT))
+def _check(src: torch.Tensor, index: torch.Tensor) -> None:
+    if index.device != src.device:
+        raise ValueError(f"index is on {index.device} but src is on {src.device}")
+    if index.dim() != 1 or index.shape[0] != src.shape[0]:
+        raise ValueError(f"index must be (E,) with E == src.shape[0]; got {tuple(index.shape)} "
+                         f"for src {tuple(src.shape)}")
+
+
+def _use_ext(src: torch.Tensor) -> bool:
+    return src.dtype.is_floating_point and _ext.use_ext(src.device)
+
+
+def _check_sorted_fallback(index: torch.Tensor, sorted: bool | None) -> None:
+    # the compiled kernels reject a broken sorted=True promise; the fallback keeps the same contract
+    if sorted and index.numel() > 1 and bool((index[1:] < index[:-1]).any()):
+        raise ValueError("sorted=True but index is not non-decreasing")
 
 
 def scatter(src: torch.Tensor, index: torch.Tensor, dim_size: int, reduce: str = "sum",
             sorted: bool | None = None) -> torch.Tensor:
     """Reduce rows of ``src`` (E, ...) into ``dim_size`` rows by ``index`` (E,). Empty rows give 0.
 
-    ``sorted=True`` promises a non-decreasing ``index`` (edges grouped by receiver): the CUDA kernel then
-    skips its sort; on CPU sortedness is detected in the same pass that checks bounds.
+    ``index`` must be on ``src``'s device with values in ``[0, dim_size)``. ``sorted=True`` promises
+    a non-decreasing ``index`` (edges grouped by receiver): the CUDA kernel then skips its sort.
+    A broken promise is an error, not a wrong result: ``ValueError`` on CPU and in the fallback, a
+    device-side assertion on CUDA (checked without a host sync). Device policy: :mod:`._ext`.
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
-    if _ext_ok(src) and src.dtype.is_floating_point:
+    _check(src, index)
+    if _use_ext(src):
         if index.dtype != torch.int64:
             index = index.long()
         return torch.ops.uae_dist.scatter(src, index, int(dim_size), reduce, bool(sorted))
-    if not _ext.HAS_EXT:
-        _ext.warn_fallback()
+    _check_sorted_fallback(index, sorted)
     return scatter_torch(src, index, dim_size, reduce)
 
 
 def segment_softmax(src: torch.Tensor, index: torch.Tensor, dim_size: int,
                     sorted: bool | None = None) -> torch.Tensor:
-    """Softmax of ``src`` (E, ...) over the edges that share the same ``index`` value."""
-    if _ext_ok(src) and src.dtype.is_floating_point:
+    """Softmax of ``src`` (E, ...) over the edges that share the same ``index`` value.
+
+    Same index contract as :func:`scatter`."""
+    _check(src, index)
+    if _use_ext(src):
         if index.dtype != torch.int64:
             index = index.long()
         return torch.ops.uae_dist.segment_softmax(src, index, int(dim_size), bool(sorted))
-    if not _ext.HAS_EXT:
-        _ext.warn_fallback()
+    _check_sorted_fallback(index, sorted)
     return segment_softmax_torch(src, index, dim_size)
 
 
