@@ -69,7 +69,7 @@ def test_every_output_exists_and_is_non_trivial(small):
     assert "small-test" in page and "model card" in page.lower()  # the card is shown
     k = s["clusters"]["k"]
     assert 2 <= k <= 5 and np.isfinite(s["clusters"]["silhouette_mean"])
-    assert f"Chosen k (best mean silhouette): <b>{k}</b>" in page
+    assert f"the chosen k = <b>{k}</b>" in page and k <= s["clusters"]["k_elbow"]
 
 
 def test_untrained_and_absent_rows_enter_no_statistic(small):
@@ -112,7 +112,7 @@ def test_clustering_is_reproducible_with_a_seed_and_finds_planted_clusters():
     b = clusters.scan(x, range(2, 7), seeds=[0, 1])
     assert np.array_equal(a.labels, b.labels) and np.array_equal(a.maps, b.maps)
     assert np.array_equal(a.silhouette, b.silhouette)
-    assert a.k == 3 and a.stability > 0.99
+    assert a.k == a.k_elbow == a.k_silhouette == 3 and a.stability > 0.99
     truth = np.repeat([1, 2, 3], 20)
     assert np.array_equal(a.ordered_labels(0), truth)
 

@@ -2,9 +2,11 @@
 
 For each seed s the UMAP map is recomputed with ``random_state = s`` and k-means
 (``random_state = s``, 10 restarts) is fitted on it for every k in the scan, so the spread over
-seeds covers both the map and the clustering. The chosen k is the one with the highest mean
-silhouette; the elbow of the mean SSE curve (the point farthest below the chord joining its ends,
-the "kneedle" rule) is reported beside it. Stability is the mean adjusted Rand index between the
+seeds covers both the map and the clustering. Both criteria choose k: the elbow of the mean SSE
+curve (the point farthest below the chord joining its ends, the "kneedle" rule) bounds how many
+clusters are worth having, and among k = 2 … elbow the highest mean silhouette wins. Silhouette
+alone tends to climb with k on a UMAP map, whose fine clumps keep separating, so its own maximum
+(``k_silhouette``) is reported but not used. Stability is the mean adjusted Rand index between the
 seeds' clusterings at the chosen k (1 = every seed finds the same partition).
 """
 from __future__ import annotations
@@ -27,8 +29,9 @@ class Scan:
     silhouette: np.ndarray   # (seeds, ks)
     labels: np.ndarray       # (seeds, ks, n) cluster of each element
     maps: np.ndarray         # (seeds, n, 2) the UMAP map of each seed
-    k: int                   # chosen: best mean silhouette
-    k_elbow: int
+    k: int                   # chosen: best mean silhouette among k <= k_elbow
+    k_elbow: int             # elbow of the mean SSE curve
+    k_silhouette: int        # best mean silhouette over the whole scan
 
     def at(self, k: int | None = None) -> int:
         return self.ks.index(self.k if k is None else k)
@@ -97,13 +100,25 @@ def scan(x: np.ndarray, ks=range(2, 11), seeds=range(5), maps: np.ndarray | None
             # coincident map points can leave fewer distinct clusters than k
             sil[i, j] = (silhouette_score(maps[i], km.labels_)
                          if len(set(km.labels_)) > 1 else np.nan)
-    mean_sil = np.nanmean(sil, 0)
-    k = ks[int(np.nanargmax(mean_sil))]
-    return Scan(ks, seeds, sse, sil, labels, maps, k, elbow(ks, sse.mean(0)))
+    # a k at which every seed's map collapsed has no silhouette; it can never be chosen
+    mean_sil = np.array([np.nanmean(c) if np.isfinite(c).any() else -np.inf for c in sil.T])
+    k_elbow = elbow(ks, sse.mean(0))
+    upto = [j for j, k in enumerate(ks) if k <= k_elbow]
+    k = ks[upto[int(np.argmax(mean_sil[upto]))]]
+    return Scan(ks, seeds, sse, sil, labels, maps, k, k_elbow, ks[int(np.argmax(mean_sil))])
 
 
-def plot_scan(sc: Scan, frame: Frame, path) -> None:
-    """SSE and silhouette against k (mean ± std over seeds) and the seed-0 map in its clusters."""
+def null_scan(n: int, dim: int, ks, seeds, seed: int = 0) -> Scan:
+    """The same scan on a standard-normal table of ``n`` rows and ``dim`` columns: UMAP draws
+    clumps even in noise, so this is the silhouette a table without structure gets."""
+    from uae_dist.analysis.frame import standardise
+
+    return scan(standardise(np.random.default_rng(seed).standard_normal((n, dim))), ks, seeds)
+
+
+def plot_scan(sc: Scan, frame: Frame, path, null: Scan | None = None) -> None:
+    """SSE and silhouette against k (mean ± std over seeds) and the seed-0 map in its clusters;
+    ``null`` adds the silhouette of a random table of the same shape."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(20, 6), gridspec_kw=dict(width_ratios=[1, 1, 1.6]))
@@ -113,6 +128,10 @@ def plot_scan(sc: Scan, frame: Frame, path) -> None:
         ax.errorbar(sc.ks, m, yerr=s, marker="o", capsize=3, color="#1f77b4")
         for i in range(len(sc.seeds)):
             ax.plot(sc.ks, arr[i], color="0.75", lw=0.7, zorder=0)
+        if null is not None and arr is sc.silhouette:
+            nm, ns = np.nanmean(null.silhouette, 0), np.nanstd(null.silhouette, 0)
+            ax.errorbar(null.ks, nm, yerr=ns, marker="s", ms=4, capsize=2, color="0.35",
+                        ls="--", lw=1, label="random table, same shape")
         ax.axvline(sc.k, color="#d62728", ls="--", lw=1, label=f"chosen k = {sc.k}")
         ax.axvline(sc.k_elbow, color="#2ca02c", ls=":", lw=1.5, label=f"elbow k = {sc.k_elbow}")
         ax.set_xlabel("k")

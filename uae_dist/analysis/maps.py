@@ -45,10 +45,11 @@ def colours_by(frame: Frame, attr: str) -> tuple[list, set]:
 
 
 def plot_maps(xy: np.ndarray, frame: Frame, method: str, path, subtitle: str = "") -> None:
-    """One PNG with three panels of the same map coloured by group, period and block."""
+    """One PNG with three panels of the same map coloured by group, period and block, stacked so
+    that each is shown at the full width of the report and its labels stay legible."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(25, 8.2), gridspec_kw=dict(wspace=0.2))
+    fig, axes = plt.subplots(3, 1, figsize=(10.5, 26), gridspec_kw=dict(hspace=0.12))
     labels = None  # the three panels have one size: place the labels once, reuse them
     for ax, attr in zip(axes, ("group", "period", "block")):
         colours, present = colours_by(frame, attr)
@@ -56,5 +57,6 @@ def plot_maps(xy: np.ndarray, frame: Frame, method: str, path, subtitle: str = "
                                            labels)
         order, cmap = plotting.COLOURINGS[attr]
         plotting.legend_for(ax, order, cmap, present, attr, ncol=2 if attr == "group" else 1)
-    fig.suptitle(f"{frame.name}: {method} of {frame.n} elements{subtitle}", fontsize=13)
+    fig.subplots_adjust(top=0.94)
+    fig.suptitle(f"{frame.name}: {method} of {frame.n} elements{subtitle}", fontsize=13, y=0.962)
     plotting.save(fig, path)

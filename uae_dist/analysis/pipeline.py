@@ -91,7 +91,8 @@ def analyze(spec, out_dir, compare=DEFAULT_COMPARE, seeds: int = 5, k_max: int =
     _write_csv(out / "maps.csv", ["element", "Z", "pca1", "pca2", "umap1", "umap2"],
                [[s, int(z), *map(float, p), *map(float, u)]
                 for s, z, p, u in zip(main.symbols, main.z, pca_xy, umap_xy)])
-    clusters.plot_scan(scan, main, out / "clusters_scan.png")
+    null = clusters.null_scan(main.n, main.raw.shape[1], scan.ks, seed_list, seed)
+    clusters.plot_scan(scan, main, out / "clusters_scan.png", null)
     clusters.plot_periodic(scan, main, out / "clusters_periodic.png")
     lab = scan.ordered_labels(0)
     _write_csv(out / "clusters.csv", ["element", "Z", "cluster"],
@@ -124,6 +125,8 @@ def analyze(spec, out_dir, compare=DEFAULT_COMPARE, seeds: int = 5, k_max: int =
     rho, count, pairs = similarity.agreement_matrix(frames, permutations, seed)
     if len(frames) > 1:
         similarity.plot_agreement(rho, count, names, out / "agreement.png")
+    else:  # an earlier run's figure must not pass for this one's
+        (out / "agreement.png").unlink(missing_ok=True)
     _write_csv(out / "agreement.csv", ["table_a", "table_b", "spearman_rho", "p_value",
                                        "common_elements", "permutations"],
                [[names[i], names[j], f"{a.rho:.4f}", f"{a.p:.4f}", a.n, a.permutations]
@@ -140,10 +143,13 @@ def analyze(spec, out_dir, compare=DEFAULT_COMPARE, seeds: int = 5, k_max: int =
                      "permutations": permutations, "umap_n_neighbors": maps.UMAP_NEIGHBOURS,
                      "umap_min_dist": maps.UMAP_MIN_DIST},
         "pca_explained_variance": [float(v) for v in pca_var],
-        "clusters": {"k": scan.k, "k_elbow": scan.k_elbow,
+        "clusters": {"k": scan.k, "k_elbow": scan.k_elbow, "k_silhouette": scan.k_silhouette,
                      "silhouette_mean": scan.silhouette_at_k[0],
                      "silhouette_std": scan.silhouette_at_k[1], "stability_ari": scan.stability,
                      "sse": scan.sse.tolist(), "silhouette": scan.silhouette.tolist(),
+                     "null": {"k": null.k, "silhouette_mean": null.silhouette_at_k[0],
+                              "silhouette_std": null.silhouette_at_k[1],
+                              "silhouette": null.silhouette.tolist()},
                      "labels_seed0": {s: int(c) for s, c in zip(main.symbols, lab)}},
         "nearest": {s: nn for s, nn in near},
         "reverse": [{"table": s.table, "property": s.prop, "model": s.model, "r2_mean": s.mean,

@@ -14,7 +14,7 @@ from uae_dist.analysis.periodic import (BLOCK_ORDER, GROUP_ORDER, PERIOD_ORDER, 
 
 DPI = 130
 MISSING_COLOUR = "#d9d9d9"
-FONT = 7.0          # element labels on maps
+FONT = 7.5          # element labels on maps
 LABEL_ITERATIONS = 100  # adjustText steps per map: a fixed count, so reruns draw the same
 
 

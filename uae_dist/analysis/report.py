@@ -25,7 +25,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:1em 0}
 figure img{max-width:100%;border:1px solid #e3e3e3}
 figcaption{font-size:.86em;color:#555}
-pre{background:#f6f6f6;padding:.7em;overflow-x:auto;font-size:.8em}
+pre{background:#f6f6f6;padding:.7em;overflow-x:auto;font-size:.8em;white-space:pre-wrap}
 code{background:#f3f3f3;padding:0 .2em}
 details{margin:.5em 0}
 summary{cursor:pointer;font-weight:600}

@@ -110,8 +110,11 @@ def plot_scores(scores: list[Score], names, models, path, floor: float = -0.5) -
             xs = np.arange(len(props)) + (t - (len(names) - 1) / 2) * width
             mean = np.array([by[(name, p, m)].mean for p in props])
             std = np.array([by[(name, p, m)].std for p in props])
-            ax.bar(xs, np.maximum(mean, floor), width, yerr=np.where(mean > floor, std, 0),
-                   color=cols[t], label=name, capsize=1.5, error_kw=dict(lw=0.6))
+            shown = mean > floor  # error bars stop at the panel's edges
+            err = [np.where(shown, np.clip(std, 0, mean - floor), 0),
+                   np.where(shown, np.clip(std, 0, 1.0 - mean), 0)]
+            ax.bar(xs, np.maximum(mean, floor), width, yerr=err, color=cols[t], label=name,
+                   capsize=1.5, error_kw=dict(lw=0.6))
             for x, v in zip(xs, mean):
                 if v < floor:
                     ax.text(x, floor + 0.02, f"{v:.1f}", rotation=90, ha="center", va="bottom",

@@ -134,7 +134,7 @@ def plot_agreement(rho: np.ndarray, count: np.ndarray, names, path) -> None:
     import matplotlib.pyplot as plt
 
     m = len(names)
-    fig, ax = plt.subplots(figsize=(1.3 * m + 3, 1.1 * m + 2))
+    fig, ax = plt.subplots(figsize=(1.05 * m + 3, 0.9 * m + 2))
     shown = np.ma.masked_invalid(rho)
     im = ax.imshow(shown, cmap="viridis", vmin=min(0.0, np.nanmin(rho)), vmax=1)
     for i in range(m):
