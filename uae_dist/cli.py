@@ -122,6 +122,32 @@ def _add_experiments(sub) -> None:
     res.set_defaults(func=X.results)
 
 
+def cmd_analyze(a) -> int:
+    from uae_dist.analysis import analyze, parse_compare
+
+    models = [m for m in a.models.split(",") if m]
+    import shlex
+
+    compare = ",".join(parse_compare(a.compare)) or "none"
+    command = shlex.join(["uae-dist", "analyze", a.table, "--out", a.out, "--compare", compare,
+                          "--seeds", str(a.seeds), "--seed", str(a.seed), "--k-max", str(a.k_max),
+                          "--models", a.models, "--folds", str(a.folds), "--repeats",
+                          str(a.repeats), "--permutations", str(a.permutations)])
+    try:
+        s = analyze(a.table, a.out, compare=parse_compare(a.compare), seeds=a.seeds,
+                    k_max=a.k_max, models=models, folds=a.folds, repeats=a.repeats, seed=a.seed,
+                    permutations=a.permutations, command=command)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"uae-dist analyze: error: {e}", file=sys.stderr)
+        return 2
+    c = s["clusters"]
+    print(f"{s['table']}: {len(s['elements'])} elements analysed ({len(s['untrained'])} untrained"
+          f", {len(s['absent'])} absent left out); k = {c['k']} (elbow {c['k_elbow']}), "
+          f"silhouette {c['silhouette_mean']:.3f} ± {c['silhouette_std']:.3f} → "
+          f"{a.out}/report.html")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from uae_dist import __version__
 
@@ -189,6 +215,27 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(func=jobs.finetune)
 
     _add_experiments(sub)
+
+    an = sub.add_parser("analyze", help="maps, clusters, similarities, reverse prediction and "
+                        "comparisons of a per-element table → report.md and report.html",
+                        description="TABLE: an export directory, a file in an export format, or a "
+                        "name (cgcnn92, onehot, random[:DIM[:SEED]], megnet16, magpie, mat2vec, "
+                        "uae:NAME, …). Untrained and absent rows are left out and listed.")
+    an.add_argument("table")
+    an.add_argument("--out", required=True, help="output directory (created; files of the "
+                    "analysis's names are overwritten)")
+    an.add_argument("--compare", default=None, help="comma-separated tables to compare with "
+                    "(default: cgcnn92,megnet16,magpie,mat2vec,onehot,random; 'none' for none)")
+    an.add_argument("--seeds", type=int, default=5, help="UMAP/k-means seeds (default 5)")
+    an.add_argument("--seed", type=int, default=0, help="first seed; also the folds' and "
+                    "permutations' seed")
+    an.add_argument("--k-max", type=int, default=10, help="largest k of the scan (from 2)")
+    an.add_argument("--models", default="ridge,knn", help="reverse-prediction models: ridge, "
+                    "knn, gbm (default ridge,knn)")
+    an.add_argument("--folds", type=int, default=5)
+    an.add_argument("--repeats", type=int, default=3, help="repeats of the k-fold split")
+    an.add_argument("--permutations", type=int, default=999, help="Mantel permutations")
+    an.set_defaults(func=cmd_analyze)
 
     e = sub.add_parser("export", help="write the universal atomic embeddings of a checkpoint for other tools")
     try:
