@@ -148,6 +148,8 @@ def _log_train(run: Session, w: torch.Tensor, dt: float, lr: float) -> None:
            "atoms_per_s": w[3 + t].item() / max(dt, 1e-9), "elapsed_s": run.elapsed()}
     for k, name in enumerate(run.targets):
         row[f"loss_{name}"] = w[2 + k].item() / n
+    if run.device.type == "cuda":  # what the allocator held at most, for sizing batches
+        row["gpu_peak_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     run.metrics.log_train(row)
     if run.rank0:
         log.info("step %d epoch %d loss %.4f lr %.2e %.1f structures/s", s.step, s.epoch,
