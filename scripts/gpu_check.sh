@@ -257,9 +257,11 @@ run, report = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 rows = list(csv.DictReader(open(run / "train.csv"))) if (run / "train.csv").exists() else []
 sps = [float(r["structures_per_s"]) for r in rows if r.get("structures_per_s")]
 peak = (report / "peak_gpu_mib").read_text().strip() if (report / "peak_gpu_mib").exists() else "n/a"
+alloc = [float(r["gpu_peak_gib"]) for r in rows if r.get("gpu_peak_gib")]
+held = f", {max(alloc):.2f} GiB allocated by torch (gpu_peak_gib)" if alloc else ""
 line = (f"pretrain: {len(rows)} logged rows, structures/s median {statistics.median(sps[1:] or sps):.1f} "
         f"(first logged window excluded), peak GPU memory {peak} MiB (nvidia-smi, whole device)"
-        if sps else "pretrain: no train.csv rows")
+        f"{held}" if sps else "pretrain: no train.csv rows")
 (report / "pretrain_summary.txt").write_text(line + "\n")
 print(line)
 PY
