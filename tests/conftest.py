@@ -11,7 +11,7 @@ HOIP_PATH = SHARED_DATA / "hoip_kim2017_1346.json.gz"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
-    config.addinivalue_line("markers", "slurm: needs a running Slurm controller (skipped without one)")
+    config.addinivalue_line("markers", "slurm: starts a Slurm cluster of its own (needs root; skipped without, fails under UAE_REQUIRE_SLURM=1)")
     config.addinivalue_line("markers", "slow: long-running test")
 
 
