@@ -48,7 +48,10 @@ def _sh(args, timeout=60, check=True, **kw) -> subprocess.CompletedProcess:
 
 def ensure_installed(timeout: float = 600) -> None:
     """apt-get install the Slurm and munge packages when a binary is missing (root only)."""
-    missing = [b for b in BINARIES if not shutil.which(b) and not Path("/usr/sbin", b).exists()]
+    # the daemons, munged and ip live in /usr/sbin, which a non-login environment may leave off PATH
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join(path + [d for d in ("/usr/sbin", "/sbin") if d not in path])
+    missing = [b for b in BINARIES if not shutil.which(b)]
     if not missing:
         return
     if os.geteuid() != 0:
@@ -56,11 +59,13 @@ def ensure_installed(timeout: float = 600) -> None:
     if not shutil.which("apt-get"):
         raise SlurmUnavailable(f"Slurm binaries {missing} missing and no apt-get to install them")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
+    # wait for a dpkg lock another apt-get holds instead of failing at once
+    cmd = ["apt-get", "-o", "DPkg::Lock::Timeout=180", "install", "-y", "--no-install-recommends", *PACKAGES]
     # without systemd the packages' postinst cannot start the services (it only warns), which is what we want
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if p.returncode != 0:  # a fresh machine may have no package lists yet
-        subprocess.run(["apt-get", "update"], capture_output=True, text=True, timeout=timeout, env=env)
+        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=180", "update"], capture_output=True, text=True,
+                       timeout=timeout, env=env)
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"apt-get install {' '.join(PACKAGES)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")

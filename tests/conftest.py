@@ -1,7 +1,13 @@
 import os
 import pathlib
+import sys
 
 import pytest
+
+# DeepSpeed JIT-builds its CPU comm op into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions, one per
+# user). Checkouts with their own venvs on one machine then rebuild it in turn at every launch (the include
+# paths differ), minutes on a busy machine; a directory per venv builds it once. Launched ranks inherit it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(pathlib.Path(sys.prefix) / "torch_extensions"))
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("UAE_DATA_DIR", ROOT.parent / "shared" / "data"))
