@@ -347,6 +347,8 @@ class Cluster:
                 if pids:
                     time.sleep(1)
             _sh(["ip", "netns", "del", n.netns], check=False)  # takes its end of the veth pair with it
+        if self.veth and Path("/sys/class/net", self.veth[0]).exists():  # never moved into a namespace
+            _sh(["ip", "link", "del", self.veth[0]], check=False)
 
     # ------------------------------------------------------------------ diagnostics
     @staticmethod
