@@ -1,7 +1,13 @@
 import os
 import pathlib
+import sys
 
 import pytest
+
+# DeepSpeed JIT-builds its CPU comm op into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions, one per
+# user). Checkouts with their own venvs on one machine then rebuild it in turn at every launch (the include
+# paths differ), minutes on a busy machine; a directory per venv builds it once. Launched ranks inherit it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(pathlib.Path(sys.prefix) / "torch_extensions"))
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("UAE_DATA_DIR", ROOT.parent / "shared" / "data"))
@@ -23,7 +29,7 @@ def need_data(path: pathlib.Path) -> pathlib.Path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
-    config.addinivalue_line("markers", "slurm: needs a running Slurm controller (skipped without one)")
+    config.addinivalue_line("markers", "slurm: starts a Slurm cluster of its own (needs root; skipped without, fails under UAE_REQUIRE_SLURM=1)")
     config.addinivalue_line("markers", "slow: long-running test")
 
 

@@ -74,15 +74,27 @@ def expand_nodelist(nodelist: str) -> list[str]:
 
 
 def slurm_master(nodelist: str) -> str:
+    """The first node of the allocation, by the address Slurm reaches it at (its NodeAddr): a node's name
+    need not resolve (NodeName ≠ host name, or NodeAddr on another network). The name when scontrol can't say."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              timeout=20, check=True).stdout.split()
         if out:
-            return out[0]
+            return _slurm_node_addr(out[0])
     except (OSError, subprocess.SubprocessError):
         pass
     hosts = expand_nodelist(nodelist)
     return hosts[0] if hosts else "127.0.0.1"
+
+
+def _slurm_node_addr(node: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True, timeout=20,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return node
+    m = re.search(r"\bNodeAddr=(\S+)", out)
+    return m.group(1) if m else node
 
 
 def _first_int(text: str | None, default: int) -> int:
