@@ -2,8 +2,8 @@
 # Fine-tune an experiment matrix as a Slurm job array: one matrix cell per array task, each task possibly
 # on several GPUs (one srun task per GPU). Submit from the repository root:
 #
-#   N=$(uae-dist matrix cells configs/matrix.yaml)        # number of cells   <- see WIRING below
-#   sbatch --array=0-$((N - 1))%8 slurm/finetune.sh configs/matrix.yaml [section.key=value ...]
+#   N=$(uae-dist matrix list MATRIX.yaml --count)          # number of cells
+#   sbatch --array=0-$((N - 1))%8 slurm/finetune.sh MATRIX.yaml
 #   uae-dist results runs/matrix                            # the table, once the array has finished
 #
 # `%8` runs at most 8 cells at once. A cell that is already done is skipped, so resubmitting the same
@@ -42,22 +42,23 @@ UAE_SCRIPT=finetune.sh
 # shellcheck source=slurm/common.sh
 source slurm/common.sh
 
-[ $# -ge 1 ] || fail 2 "usage: sbatch --array=0-N slurm/finetune.sh MATRIX.yaml [overrides ...]"
+[ $# -eq 1 ] || fail 2 "usage: sbatch --array=0-N slurm/finetune.sh MATRIX.yaml (overrides go in the file)"
 MATRIX=$1; shift
 [ -f "$MATRIX" ] || fail 2 "matrix file '$MATRIX' not found (relative paths are from $REPO)"
 [ -n "${SLURM_ARRAY_TASK_ID:-}" ] || [ "$DRY" = 1 ] || fail 2 "not an array task: submit with sbatch --array=0-N"
 CELL=${SLURM_ARRAY_TASK_ID:-0}
 setup_env
 
-# ---- PER-TASK COMMAND: the one place that runs a matrix cell. WIRING (lead, after the fine-tuning work of
-# issue 9 is merged): `uae-dist matrix run FILE --cell K` must run cell K (0-based, the array index) of FILE
-# under srun (rank/world from distributed.py), skip a finished cell, resume a checkpointed one, and exit 0
-# after a checkpoint on SIGTERM; `uae-dist matrix cells FILE` (the count used above) is the assumed name.
-CELL_CMD=(uae-dist matrix run "$MATRIX" --cell "$CELL")
+# ---- PER-TASK COMMAND: the one place that runs a matrix cell. The matrix runner runs here, in the batch
+# shell (it skips a finished cell and resumes a checkpointed one); it starts the cell's training under
+# srun, one task per GPU, so the ranks are srun tasks (rank and world from distributed.py) and
+# `scancel --signal=TERM` reaches them: they checkpoint and exit, and the job is requeued.
+CELL_CMD=(uae-dist matrix run "$MATRIX" --cell "$CELL"
+          --launcher "srun --kill-on-bad-exit=1 --label --cpus-per-task=${SLURM_CPUS_PER_TASK:-1}")
 # ------------------------------------------------------------------------------------------------------
 
 log "array ${SLURM_ARRAY_JOB_ID:-0} task $CELL: cell $CELL of $MATRIX on $NODES (${SLURM_NTASKS:-1} task(s))"
-run_step srun --kill-on-bad-exit=1 --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" "${CELL_CMD[@]}" "$@"
+run_step "${CELL_CMD[@]}"
 [ "$DRY" = 1 ] && exit 0
 log "cell $CELL exited with $step_rc"
 # a cell's own status is not known here: exit 0 counts as finished unless this shell was signalled

@@ -160,13 +160,10 @@ def test_pretrain_completes_with_checkpoint_and_export(completed):
     assert f"-> {staged}/" in log and not staged.exists()
 
 
-# LEAD: remove this xfail when test_metrics.json lands (issue 7 point 8); strict, so the first passing run fails
-# here and says so. The checks themselves are final: they are what issue 12 asks of a Slurm run.
-@pytest.mark.xfail(strict=True, reason="test_metrics.json is written by the engine of issue 7 (not merged yet)")
 @pytest.mark.timeout(JOB_TIMEOUT + 60)
 def test_pretrain_writes_test_metrics(completed):
     assert completed.info["JobState"] == "COMPLETED"
-    m = json.loads((completed.run_dir / "test_metrics.json").read_text())
+    m = json.loads((completed.run_dir / "test_metrics.json").read_text())["targets"]
     for t in ("e_form_per_atom", "band_gap"):
         assert {"mae", "rmse", "r2"} <= set(m[t]) and m[t]["count"] > 0, m
     assert (completed.run_dir / "predictions_test.csv").exists()
@@ -241,22 +238,18 @@ def test_failing_job_ends_failed_with_the_reason_in_its_log(slurm, data, tmp_pat
         assert not (job.run_dir / "summary.json").exists()
 
 
-def _has_matrix_cli() -> bool:
-    uae = Path(sys.executable).parent / "uae-dist"
-    p = subprocess.run([str(uae), "--help"], capture_output=True, text=True, timeout=120)
-    return " matrix " in p.stdout and " results " in p.stdout
-
-
 @pytest.mark.timeout(2 * JOB_TIMEOUT + 60)
 def test_finetune_array_runs_one_cell_per_task(slurm, tmp_path):
-    """`sbatch --array=0-1 slurm/finetune.sh MATRIX`: every array task runs its own cell of the matrix, with its
-    own log. Until `uae-dist matrix` exists (issue 9) the cells themselves cannot run: the test checks the array
-    and each task's command, then xfails; with the CLI present, both cells must complete and `uae-dist results`
-    must read them."""
-    # LEAD: after merging issue 9, replace this with a real 2-cell CPU matrix (tiny config, 1 epoch each) in the
-    # format `uae-dist matrix run` reads, and point RESULTS at where its cells write.
-    matrix = tmp_path / "matrix.yaml"
-    matrix.write_text("# two cells: placeholder until issue 9 defines the format\ncells: [0, 1]\n")
+    """`sbatch --array=0-1 slurm/finetune.sh MATRIX`: every array task runs its own cell of a real matrix, with
+    its own log; both complete and `uae-dist results` reads them."""
+    from _matrix_fixtures import smoke_dict, write_matrix
+
+    d = smoke_dict()  # the shipped smoke matrix, one seed: 2 cells (two featurizers)
+    d["seeds"] = [0]
+    d["out_root"] = str(tmp_path / "runs")
+    d["datasets"]["mp_tiny"]["root"] = str(tmp_path / "data")  # built by whichever cell comes first
+    d["backbones"]["ct"]["budget"] = {"train.epochs": 1, "train.max_steps": 6}
+    matrix = write_matrix(tmp_path / "matrix.yaml", d)
     results = tmp_path / "runs"
     e = dict(slurm.env, UAE_VENV=str(Path(sys.executable).parents[1]), UAE_PYTHON=sys.executable,
              PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
@@ -269,13 +262,13 @@ def test_finetune_array_runs_one_cell_per_task(slurm, tmp_path):
         assert info["ArrayJobId"] == job and info["ArrayTaskId"] == str(k), info
         assert f"array {job} task {k}: cell {k} of {matrix}" in log, log
         assert info["JobState"] in S.FINAL and info["Restarts"] == "0"
-    if not _has_matrix_cli():
-        assert all(i["JobState"] == "FAILED" for i in infos)  # the missing command is a failure, not a hang
-        pytest.xfail("`uae-dist matrix` / `uae-dist results` arrive with issue 9")
     assert [i["JobState"] for i in infos] == ["COMPLETED", "COMPLETED"]
-    p = subprocess.run([str(Path(sys.executable).parent / "uae-dist"), "results", str(results)], capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
+    p = subprocess.run([str(Path(sys.executable).parent / "uae-dist"), "results", str(results), "--strict"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for k in (0, 1):
+        assert json.loads(next(results.rglob("metrics.json")).read_text())  # each cell left its metrics
+    assert len(list(results.rglob("metrics.json"))) == 2
 
 
 # ---------------------------------------------------------------------------------------------- two nodes

@@ -57,18 +57,22 @@ def test_hostfile_dry_run(tmp_path):
 def test_finetune_dry_run_runs_the_array_task_cell(tmp_path):
     m = tmp_path / "matrix.yaml"
     m.write_text("cells: []\n")
-    p = _run(["slurm/finetune.sh", str(m), "train.epochs=2"],
+    p = _run(["slurm/finetune.sh", str(m)],
              {"UAE_DRY_RUN": "1", "SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3",
               "SLURM_JOB_NODELIST": "gpu01", "UAE_PYTHON": sys.executable})
     assert p.returncode == 0, p.stdout + p.stderr
-    cmd = next(l for l in p.stdout.splitlines() if l.startswith("+ srun"))
-    assert cmd.endswith(f"uae-dist matrix run {m} --cell 3 train.epochs=2"), cmd
+    cmd = next(line for line in p.stdout.splitlines() if line.startswith("+ uae-dist"))
+    # the runner stays in the batch shell and starts the cell's ranks as srun tasks
+    assert cmd.startswith(f"+ uae-dist matrix run {m} --cell 3 --launcher srun "), cmd
+    assert "--kill-on-bad-exit=1" in cmd
     assert "array 70 task 3: cell 3" in p.stdout
 
 
 def test_finetune_refuses_bad_submissions(tmp_path):
     p = _run(["slurm/finetune.sh"], {"UAE_PYTHON": sys.executable})
     assert p.returncode == 2 and "usage: sbatch --array" in p.stdout
+    p = _run(["slurm/finetune.sh", "a.yaml", "train.epochs=2"], {"UAE_PYTHON": sys.executable})
+    assert p.returncode == 2 and "overrides go in the file" in p.stdout
     p = _run(["slurm/finetune.sh", str(tmp_path / "missing.yaml")], {"UAE_PYTHON": sys.executable})
     assert p.returncode == 2 and "not found" in p.stdout
     m = tmp_path / "m.yaml"
