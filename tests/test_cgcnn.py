@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from _backbone_checks import (batch, check_invariance, check_overfit, check_resume_equals,
+from _backbone_checks import (one_thread,  # noqa: F401
+                              batch, check_invariance, check_overfit, check_resume_equals,
                               crystals, final_weights, finetune, kill_and_resume, model)
 from _train_fixtures import tiny_lmdb
 

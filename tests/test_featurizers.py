@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from _backbone_checks import batch, crystals, model
+from _backbone_checks import batch, crystals, model, one_thread  # noqa: F401
 from uae_dist.models.featurizers import AtomFeatures
 from uae_dist.train.optim import param_groups
 

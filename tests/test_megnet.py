@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from _backbone_checks import (batch, check_invariance, check_overfit, check_resume_equals,
+from _backbone_checks import (one_thread,  # noqa: F401
+                              batch, check_invariance, check_overfit, check_resume_equals,
                               crystals, final_weights, finetune, kill_and_resume, model)
 from _train_fixtures import tiny_lmdb
 

@@ -22,7 +22,7 @@ Element embedding: ``model.features: learned`` (default) is a trained 16-d table
 ``nn.Embedding`` is; any other table (a UAE, ``megnet16``, …) *initialises* it, trained unless
 ``features_trainable=false``, and its width replaces 16. Reference training (matgl
 ``ModelLightningModule``): Adam lr 1e-3, MSE, cosine decay to 1e-5 over ``decay_steps=1000``
-(periodic after that; our configs decay once over the run), batch 128.
+(stepped per epoch by Lightning: about constant for short runs; our config: constant), batch 128.
 """
 from __future__ import annotations
 
