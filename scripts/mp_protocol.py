@@ -10,7 +10,9 @@ writes, under ``--out``:
   ``atom_init.json`` (CGCNN's 92-feature table, from ``uae_dist.tables.load_table("cgcnn92")``;
   ``--table onehot|random|…`` writes another);
 * ``lmdb/`` — our graph data set built from that folder (``uae-dist data build``, 8 Å, every
-  image), whose ``split.json`` is replaced by CGCNN's own split of the same ids;
+  image; ``--lmdb NAME --cutoff C --max-neighbors K`` build narrower ones, e.g. the 12 nearest
+  for CGCNN/ALIGNN or 4 Å for MEGNet, so the loader narrows nothing each epoch), whose
+  ``split.json`` is replaced by CGCNN's own split of the same ids;
 * ``protocol.json`` — the source's sha256, the counts and the split sizes.
 
 The protocol, exactly: read ``mp_cgcnn_36737.json.gz`` (sha256 checked), drop the records with
@@ -93,6 +95,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--table", default="cgcnn92", help="atom_init.json of the reference's folder")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--lmdb", default="lmdb", help="name of the graph build under --out")
+    p.add_argument("--cutoff", type=float, default=8.0, help="Å, of the graph build")
+    p.add_argument("--max-neighbors", type=int, default=None,
+                   help="also cap the stored graphs (12: CGCNN/ALIGNN; the loader's rule)")
     a = p.parse_args(argv)
     records = sample_records(a.source, a.n, a.seed)
     folder = a.out / "cgcnn"
@@ -100,11 +106,12 @@ def main(argv=None) -> int:
         write_cgcnn_folder(records, folder, a.table)
     ids = [r["material_id"] for r in records]
     split = cgcnn_split(ids)
-    lmdb = a.out / "lmdb"
+    lmdb = a.out / a.lmdb
     if not (lmdb / "manifest.json").exists():
+        cap = [] if a.max_neighbors is None else ["--max-neighbors", str(a.max_neighbors)]
         subprocess.run([sys.executable, "-m", "uae_dist.cli", "data", "build", "--source",
                         str(folder), "--out", str(lmdb), "--targets", TARGET, "--workers",
-                        str(a.workers)], check=True)
+                        str(a.workers), "--cutoff", str(a.cutoff), *cap], check=True)
     write_split(lmdb, split)
     (a.out / "protocol.json").write_text(json.dumps({
         "source": str(a.source), "source_sha256": sha256(a.source), "n": a.n, "seed": a.seed,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,8 +128,17 @@ def finetune_cmd(config: str, data, out, overrides=(), nproc: int = 2) -> list[s
             "train.threads=1", "train.log_every=1", *overrides]
 
 
-def finetune(config: str, data, out, overrides=(), check: bool = True, timeout: float = 300):
-    p = subprocess.run(finetune_cmd(config, data, out, overrides), cwd=ROOT, env=env(),
+def finetune_env() -> dict:
+    """The test launch environment, with DeepSpeed's JIT-built CPU ops kept per venv: in the shared
+    ~/.cache/torch_extensions every other venv rebuilds them, and a build killed there leaves a
+    lock file that hangs every later launch."""
+    e = env()
+    e["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    return e
+
+
+def finetune(config: str, data, out, overrides=(), check: bool = True, timeout: float = 600):
+    p = subprocess.run(finetune_cmd(config, data, out, overrides), cwd=ROOT, env=finetune_env(),
                        capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")

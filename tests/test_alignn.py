@@ -101,7 +101,7 @@ OVR = ["model.cutoff=5.0", "model.hidden_features=16", "model.embedding_features
        "train.ckpt_every_steps=2", "optim.warmup_steps=2", "optim.lr=0.003"]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1500)
 def test_two_rank_finetune_and_resume(data, tmp_path):
     ref = tmp_path / "ref"
     finetune("finetune_alignn", data, ref, OVR)

@@ -40,10 +40,14 @@ def test_convolution_is_the_papers_equation():
     v = m.embedding(table[b.z - 1])
     for conv in m.convs:
         f = conv.f
-        w = torch.cat([conv.w_atoms.weight[:2 * f].T, conv.w_atoms.weight[2 * f:].T,
-                       conv.w_edge.weight.T])  # (2F + 41, 2F): fc_full's weight
-        z = torch.cat([v[i], v[j], u], -1) @ w + conv.w_edge.bias
-        z = F.batch_norm(z, None, None, conv.bn1.weight, conv.bn1.bias, training=True)
+        wa = conv.w_atoms.weight  # rows: [W_i^f, W_i^s, W_j^f, W_j^s]
+        w = torch.cat([torch.cat([wa[:f], wa[f:2 * f]]).T, torch.cat([wa[2 * f:3 * f], wa[3 * f:]]).T,
+                       torch.cat([conv.w_filter.weight, conv.w_core.weight]).T])  # fc_full's
+        b_full = torch.cat([conv.w_filter.bias, conv.w_core.bias])
+        z = torch.cat([v[i], v[j], u], -1) @ w + b_full
+        gamma = torch.cat([conv.bn_filter.weight, conv.bn_core.weight])
+        beta = torch.cat([conv.bn_filter.bias, conv.bn_core.bias])
+        z = F.batch_norm(z, None, None, gamma, beta, training=True)
         gate, core = z.chunk(2, -1)
         s = torch.zeros_like(v).index_add_(0, i, torch.sigmoid(gate) * F.softplus(core))
         s = F.batch_norm(s, None, None, conv.bn2.weight, conv.bn2.bias, training=True)
@@ -90,7 +94,7 @@ OVR = ["model.cutoff=5.0", "model.atom_fea_len=16", "model.h_fea_len=16", "model
        "data.max_structures=16", "train.epochs=2", "train.ckpt_every_steps=2", "optim.lr=0.02"]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1500)
 def test_two_rank_finetune_frozen_uae_and_resume(data, tmp_path):
     uae = _uae(tmp_path)
     ovr = OVR + [f"model.features=uae:{uae}"]

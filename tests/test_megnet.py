@@ -104,7 +104,7 @@ OVR = ["data.max_structures=16", "train.epochs=2", "train.ckpt_every_steps=2",
        "model.hidden_conv=[16,16,32]", "model.features_lr_scale=5.0"]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1500)
 def test_two_rank_finetune_trained_uae_and_resume(data, tmp_path):
     uae = tmp_path / "uae"
     uae.mkdir()

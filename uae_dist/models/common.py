@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from uae_dist.ops import edge_vectors
+from uae_dist.ops import edge_vectors, scatter
 
 
 def batch_vector(data) -> tuple[torch.Tensor, int]:
@@ -52,7 +52,31 @@ class GaussianExpansion(nn.Module):
         self.gamma = float(gamma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.exp(-self.gamma * (x[:, None] - self.centers.to(x.dtype)) ** 2)
+        # exponents below -80 are clamped (their values, < 2e-35, become exactly that): far tails
+        # underflow to denormals otherwise, which make exp() several times slower on CPU
+        arg = (-self.gamma * (x[:, None] - self.centers.to(x.dtype)) ** 2).clamp_min_(-80.0)
+        return torch.exp(arg)
+
+
+class _Gather(torch.autograd.Function):
+    """``x.index_select(0, index)`` whose backward is our scatter-sum (a segment sum when
+    ``index`` is sorted), instead of ``index_add_``."""
+
+    @staticmethod
+    def forward(ctx, x, index, is_sorted):
+        ctx.save_for_backward(index)
+        ctx.n, ctx.is_sorted = x.shape[0], is_sorted
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return scatter(grad.contiguous(), index, ctx.n, "sum", sorted=ctx.is_sorted), None, None
+
+
+def gather(x: torch.Tensor, index: torch.Tensor, is_sorted: bool = False) -> torch.Tensor:
+    """Rows ``x[index]``; ``is_sorted``: ``index`` is non-decreasing (edge centres)."""
+    return _Gather.apply(x, index, is_sorted)
 
 
 def softplus_shifted(x: torch.Tensor) -> torch.Tensor:
@@ -77,6 +101,8 @@ def sync_batchnorm_stats(module: nn.Module) -> None:
     flat /= dist.get_world_size()
     k = 0
     for b in bufs:
-        b.copy_(flat[k:k + b.numel()].view_as(b).to(b.dtype))
+        # through .data: autograd saved these buffers (train-mode backward never reads them),
+        # and an in-place copy would bump their version and fail the backward pass
+        b.data.copy_(flat[k:k + b.numel()].view_as(b).to(b.dtype))
         k += b.numel()
 
