@@ -39,7 +39,7 @@ from uae_dist.fields import bounded
 from uae_dist.ops import scatter
 
 from . import ModelConfig, register
-from .common import GaussianExpansion, geometry, sync_batchnorm_stats
+from .common import GaussianExpansion, gather, geometry, sync_batchnorm_stats
 from .featurizers import AtomFeatures, lr_scale
 
 
@@ -134,9 +134,10 @@ class EdgeGatedGraphConv(nn.Module):
 
     def forward(self, src, dst, h, y):
         n = h.shape[0]
-        m = self.src_gate(h)[src] + self.dst_gate(h)[dst] + self.edge_gate(y)
+        m = gather(self.src_gate(h), src) + gather(self.dst_gate(h), dst, True)
+        m = m.add_(self.edge_gate(y))
         sigma = torch.sigmoid(m)
-        num = scatter(sigma * self.dst_update(h)[src], dst, n, "sum", sorted=True)
+        num = scatter(sigma * gather(self.dst_update(h), src), dst, n, "sum", sorted=True)
         den = scatter(sigma, dst, n, "sum", sorted=True)
         x = self.src_update(h) + num / (den + 1e-6)
         return h + F.silu(self.bn_nodes(x)), y + F.silu(self.bn_edges(m))

@@ -35,7 +35,7 @@ from uae_dist.fields import bounded
 from uae_dist.ops import scatter, segment_softmax
 
 from . import ModelConfig, register
-from .common import GaussianExpansion, geometry, softplus_shifted
+from .common import GaussianExpansion, gather, geometry, softplus_shifted
 from .featurizers import AtomFeatures, lr_scale
 
 
@@ -101,8 +101,10 @@ class MEGNetConv(nn.Module):
     def forward(self, e, v, u, i, j, batch, edge_batch, n_graphs):
         n = v.shape[0]
         a_i, a_j = self.edge_atoms(v).chunk(2, dim=-1)
-        e = self.edge_mlp(a_i[i] + a_j[j] + self.edge_rest(torch.cat([e, u[edge_batch]], -1)))
-        v = self.node_mlp(torch.cat([v, scatter(e, i, n, "mean", sorted=True), u[batch]], -1))
+        z = gather(a_i, i, True) + gather(a_j, j)
+        e = self.edge_mlp(z.add_(self.edge_rest(torch.cat([e, gather(u, edge_batch, True)], -1))))
+        v = self.node_mlp(torch.cat([v, scatter(e, i, n, "mean", sorted=True),
+                                     gather(u, batch, True)], -1))
         u = self.state_mlp(torch.cat([u, scatter(e, edge_batch, n_graphs, "mean", sorted=True),
                                       scatter(v, batch, n_graphs, "mean", sorted=True)], -1))
         return e, v, u
@@ -137,7 +139,8 @@ class Set2Set(nn.Module):
         for _ in range(self.n_iters):
             q, h = self.lstm(q_star.unsqueeze(0), h)
             q = q.view(n, self.d)
-            alpha = segment_softmax((x * q[index]).sum(-1, keepdim=True), index, n, sorted=True)
+            alpha = segment_softmax((x * gather(q, index, True)).sum(-1, keepdim=True), index, n,
+                                    sorted=True)
             q_star = torch.cat([q, scatter(alpha * x, index, n, "sum", sorted=True)], -1)
         return q_star
 
