@@ -43,13 +43,16 @@ def main(argv=None):
                      labels={"eform": [0.0] * a.n}, save_cache=False, root="/tmp/mgl_bench")
     peer_feat = time.process_time() - t
     loader, _ = MGLDataLoader(train_data=mds, val_data=mds, batch_size=a.batch, num_workers=0,
-                              persistent_workers=False, shuffle=False)
-    pb = list(loader)
+                              persistent_workers=False)
+    pb = list(loader)  # (shuffled by MGLDataLoader: the same structures, another grouping)
     nb = a.n // a.batch
     ob = [collate(items[k * a.batch:(k + 1) * a.batch]) for k in range(nb)]
     torch.manual_seed(0)
     ours = build_model(cfg, ["e"]).train()
+    from matgl.utils.training import ModelLightningModule
+
     peer = MEGNet(element_types=elements, cutoff=4.0).train()
+    lit = ModelLightningModule(model=peer)  # its forward sets positions/offsets from the lattice
     o1 = torch.optim.Adam(ours.parameters(), lr=1e-3)
     o2 = torch.optim.Adam(peer.parameters(), lr=1e-3)
 
@@ -61,7 +64,7 @@ def main(argv=None):
     def step_peer(b):
         g, lat, state, _ = b
         o2.zero_grad()
-        peer(g=g, state_attr=state).view(-1).pow(2).mean().backward()
+        lit(g=g, lat=lat, state_attr=state).view(-1).pow(2).mean().backward()
         o2.step()
 
     cpu = {"ours": [], "peer": []}
