@@ -117,7 +117,8 @@ def main(argv=None) -> int:
         "source": str(a.source), "source_sha256": sha256(a.source), "n": a.n, "seed": a.seed,
         "dropped": f"{TARGET} < {EF_MIN}", "split": "cgcnn random.seed(123) 0.8/0.1/0.1",
         "sizes": {k: len(v) for k, v in split.items()}}, indent=1))
-    print(f"{folder}: {len(ids)} structures; {lmdb}: split {json.dumps({k: len(v) for k, v in split.items()})}")
+    sizes = json.dumps({k: len(v) for k, v in split.items()})
+    print(f"{folder}: {len(ids)} structures; {lmdb}: split {sizes}")
     return 0
 
 

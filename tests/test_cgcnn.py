@@ -41,8 +41,9 @@ def test_convolution_is_the_papers_equation():
     for conv in m.convs:
         f = conv.f
         wa = conv.w_atoms.weight  # rows: [W_i^f, W_i^s, W_j^f, W_j^s]
-        w = torch.cat([torch.cat([wa[:f], wa[f:2 * f]]).T, torch.cat([wa[2 * f:3 * f], wa[3 * f:]]).T,
-                       torch.cat([conv.w_filter.weight, conv.w_core.weight]).T])  # fc_full's
+        w_i = torch.cat([wa[:f], wa[f:2 * f]]).T
+        w_j = torch.cat([wa[2 * f:3 * f], wa[3 * f:]]).T
+        w = torch.cat([w_i, w_j, torch.cat([conv.w_filter.weight, conv.w_core.weight]).T])
         b_full = torch.cat([conv.w_filter.bias, conv.w_core.bias])
         z = torch.cat([v[i], v[j], u], -1) @ w + b_full
         gamma = torch.cat([conv.bn_filter.weight, conv.bn_core.weight])

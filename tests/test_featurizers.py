@@ -35,7 +35,8 @@ def test_random_and_learned_take_the_backbones_default_width():
 
 
 def test_uae_export_directory(tmp_path):
-    (tmp_path / "atom_init.json").write_text(json.dumps({str(z): [z, -z, 0.5] for z in range(1, 101)}))
+    rows = {str(z): [z, -z, 0.5] for z in range(1, 101)}
+    (tmp_path / "atom_init.json").write_text(json.dumps(rows))
     f = AtomFeatures(f"uae:{tmp_path}", 92)
     assert f.dim == 3 and f(torch.tensor([8]))[0].tolist() == [8.0, -8.0, 0.5]
 
@@ -52,7 +53,8 @@ def test_frozen_and_trained_tables_and_their_learning_rate():
     groups = param_groups(frozen, 0.0)
     assert all(p is not frozen.features.table for g in groups for p in g["params"])
     trained, _ = model("cgcnn", features_trainable=True, features_lr_scale=0.1)
-    (g,) = [g for g in param_groups(trained, 0.0) if any(p is trained.features.table for p in g["params"])]
+    (g,) = [g for g in param_groups(trained, 0.0)
+            if any(p is trained.features.table for p in g["params"])]
     assert g["lr_scale"] == 0.1 and g["weight_decay"] == 0.0 and len(g["params"]) == 1
     m, cfg = model("megnet")  # MEGNet's embedding is trained by default
     assert m.features.table.requires_grad and not m.lr_scale == {}
