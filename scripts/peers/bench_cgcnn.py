@@ -2,7 +2,7 @@
 """fwd + bwd + SGD step of our CGCNN and the reference's CrystalGraphConvNet (txie-93/cgcnn, from a
 checkout outside this repository) on the same 256 MP protocol structures, one thread.
 
-    python scripts/peers/bench_cgcnn.py REF_CHECKOUT [LMDB]     # e.g. /tmp/cgcnn_ref runs/protocol/mp6000/lmdb
+    python scripts/peers/bench_cgcnn.py REF_CHECKOUT [LMDB]   # /tmp/cgcnn_ref runs/protocol/mp6000/lmdb
 
 The reference gets its own input layout (the 12 nearest per atom, Gaussian features precomputed,
 as its featurisation would give); featurisation is not timed here.
