@@ -63,7 +63,7 @@ def build_model(model_cfg: ModelConfig, targets):
 
 def _load_builtin() -> None:
     """Import the built-in backbones (each registers itself on import)."""
-    from . import crystal_transformer  # noqa: F401
+    from . import alignn, cgcnn, crystal_transformer, megnet  # noqa: F401
 
 
 __all__ = ["MODELS", "ModelConfig", "register", "build_model", "model_config_class"]
