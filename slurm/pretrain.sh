@@ -69,6 +69,10 @@ log "nodes: $NODES; ${SLURM_NTASKS:-1} task(s) x ${SLURM_CPUS_PER_TASK:-1} CPU(s
 log "config $CONFIG, data $DATA, run dir $RUN_DIR"
 if [ -f "$RUN_DIR/checkpoints/latest" ]; then log "resuming from $RUN_DIR/checkpoints/$(cat "$RUN_DIR/checkpoints/latest")"; fi
 
+# a bad config fails here, in the batch shell, with its error, before any rank starts
+run "${TRAIN[@]}" --check --config "$CONFIG" "data.root=$DATA" "train.out_dir=$RUN_DIR" "$@" \
+  || fail 2 "bad config or missing data: the config does not load (the error is above)"
+
 DATA_ROOT=$DATA
 if [ "$STAGE" = 1 ]; then
   stage_data "$DATA"

@@ -42,7 +42,9 @@ def test_pretrain_dry_run(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "srun --ntasks-per-node=1 --ntasks=2" in p.stdout  # staging: one task per node
     assert "nodes: gpu07 gpu08;" in p.stdout and "master gpu07:29742" in p.stdout  # 29500 + 4242 % 2000
-    train = next(l for l in p.stdout.splitlines() if "launch/train.py" in l)
+    lines = [ln for ln in p.stdout.splitlines() if "launch/train.py" in ln]
+    check, train = lines  # the config is checked in the batch shell first, then the ranks start
+    assert " --check " in check and not check.startswith("+ srun") and check.endswith("train.epochs=3")
     assert train.startswith("+ srun --kill-on-bad-exit=1 --label")
     assert f"data.root={tmp_path}/mp" in train and "train.resume=auto" in train and train.endswith("train.epochs=3")
 

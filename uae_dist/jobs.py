@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser, default_config: str) -> None:
                    help="YAML config: a path or a shipped name (default: %(default)s)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    p.add_argument("--check", action="store_true",
+                   help="only load and validate the config, then exit (0 valid, 2 not)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="dotted overrides, e.g. train.epochs=2 model.layers=4")
 
@@ -69,6 +71,9 @@ def _job(args, export: bool) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return CONFIG_EXIT
+    if args.check:
+        print(f"config OK: {args.config} ({type(cfg.model).__name__}, out_dir {cfg.train.out_dir})")
+        return 0
     from uae_dist.train import distributed as D
     from uae_dist.train.loop import NonFiniteLossError, run
 
