@@ -128,3 +128,11 @@ def test_normaliser_refuses_labels_it_cannot_scale():
         Normalizer.fit(np.array([[1.0, np.nan]]), ["a", "b"])
     n = Normalizer.fit(y[:1, :1].repeat(3, 0) + np.arange(3)[:, None], ["a"])
     assert n.mean.dtype == np.float64 and n.std[0] == pytest.approx(1.0)
+
+
+def test_auto_bf16_on_gpu_lifts_zero0_to_zero1():
+    """Fine-tuning configs use ZeRO-0 (no partition hooks on small models); where ds.precision=auto
+    picks bf16 (a GPU), the engine needs fp32 gradient accumulation, i.e. ZeRO-1."""
+    cfg = load_config("finetune_cgcnn")
+    assert ds_config(cfg, 1, on_gpu=False)["zero_optimization"]["stage"] == 0
+    assert ds_config(cfg, 1, on_gpu=True)["zero_optimization"]["stage"] == 1
