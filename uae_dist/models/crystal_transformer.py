@@ -64,6 +64,8 @@ class CrystalTransformerConfig(ModelConfig):
     n_rbf: int = bounded(32, ge=1)
     head_hidden: int | None = bounded(None, ge=1)  # hidden width of each target head (d_model)
     checkpoint_activations: bool = False  # recompute each block in backward: less memory, ~1.3x time
+    emb_init_std: float = bounded(1.0, gt=0)  # initial spread of the table's rows (periodic variant)
+    emb_lr_scale: float = bounded(1.0, gt=0)  # the table's learning rate, × the scheduled rate
 
     def graph(self) -> dict:
         # the stored graphs (8 Å by default) are cut to the model's cutoff in the loader
@@ -158,13 +160,17 @@ class CrystalTransformer(nn.Module):
     def __init__(self, targets: list[str], emb_dim: int = 128, d_model: int = 256, layers: int = 8,
                  heads: int = 8, ffn_dim: int = 512, dropout: float = 0.1, cutoff: float = 8.0,
                  n_rbf: int = 32, head_hidden: int | None = None,
-                 checkpoint_activations: bool = False):
+                 checkpoint_activations: bool = False, emb_init_std: float = 1.0,
+                 emb_lr_scale: float = 1.0):
         super().__init__()
         self.targets = list(targets)
         self.cutoff = float(cutoff)
         self.checkpoint_activations = checkpoint_activations
         self.embed = nn.Embedding(N_ELEMENTS, emb_dim)  # row Z-1: the universal atomic embedding
-        nn.init.normal_(self.embed.weight, std=1.0)
+        # a row moves little in a short run: a small initial spread leaves the table mostly learned
+        nn.init.normal_(self.embed.weight, std=emb_init_std)
+        if emb_lr_scale != 1.0:
+            self.lr_scale = {"embed.": emb_lr_scale}
         self.proj = nn.Linear(emb_dim, d_model)
         self.rbf = GaussianRBF(cutoff, n_rbf)
         self.blocks = nn.ModuleList(EdgeAttentionLayer(d_model, heads, ffn_dim, n_rbf, dropout)
@@ -252,4 +258,5 @@ def _build(mc: CrystalTransformerConfig, targets):
               checkpoint_activations=mc.checkpoint_activations)
     if mc.variant == "paper":
         return PaperCrystalTransformer(targets, **kw)
-    return CrystalTransformer(targets, cutoff=mc.cutoff, n_rbf=mc.n_rbf, **kw)
+    return CrystalTransformer(targets, cutoff=mc.cutoff, n_rbf=mc.n_rbf,
+                              emb_init_std=mc.emb_init_std, emb_lr_scale=mc.emb_lr_scale, **kw)
