@@ -14,10 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import safetensors.numpy as stnp
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # of a data set (manifest); 2: xxh3 per shard, records and split digests
+RECORD_SCHEMA = 1   # of one encoded record (its metadata "schema"); unchanged since 1
 MAX_Z = 100
 # Two atoms closer than this (Å) are the same site counted twice, not a crystal.
 MIN_DISTANCE = 0.1
+# A label beyond this magnitude is a data error in any unit: it keeps labels, their squares and
+# the sums of squares over millions of records finite in float32 (training normalises with them).
+MAX_ABS_LABEL = 1e12
 
 
 class RejectError(ValueError):
@@ -31,8 +35,10 @@ class RejectError(ValueError):
 
 @dataclass
 class GraphOptions:
-    cutoff: float = 8.0
-    max_neighbors: int | None = None
+    """Graph settings of one build (defaults: :class:`uae_dist.data.options.BuildOptions`)."""
+    cutoff: float                    # Å
+    max_neighbors: int | None = None  # keep the N nearest per centre (whole tied shells)
+    max_pairs: int | None = None      # reject a structure whose estimated pair count exceeds it
 
 
 def validate_crystal(numbers, lattice, frac, pbc) -> None:
@@ -56,10 +62,14 @@ def validate_crystal(numbers, lattice, frac, pbc) -> None:
 
 
 def check_labels(targets: dict, bounds: dict) -> None:
-    """NaN means "not labelled"; ±inf is a broken label; values outside a sanity bound are data errors."""
+    """NaN means "not labelled"; ±inf is a broken label; values beyond ``MAX_ABS_LABEL`` or outside
+    a sanity bound are data errors."""
     for name, v in targets.items():
         if v is not None and np.isinf(v):
             raise RejectError("non_finite_label", f"{name}={v}")
+        if v is not None and abs(v) > MAX_ABS_LABEL:
+            raise RejectError("label_out_of_bounds", f"{name}={v:g} beyond the finite-magnitude "
+                                                     f"bound |value| <= {MAX_ABS_LABEL:g}")
     for name, (lo, hi) in bounds.items():
         v = targets.get(name)
         if v is None or not np.isfinite(v):
@@ -68,14 +78,44 @@ def check_labels(targets: dict, bounds: dict) -> None:
             raise RejectError("label_out_of_bounds", f"{name}={v:g} outside sanity bound [{lo:g}, {hi:g}]")
 
 
+def estimate_pairs(natoms: int, lattice, pbc, cutoff: float) -> tuple[float, float]:
+    """(expected neighbour pairs, periodic images searched) of a validated cell, from O(1) work.
+
+    Pairs: ``natoms`` atoms at the cell's mean density, each seeing a cutoff sphere:
+    ``natoms² / V · 4/3 π rc³`` (uniform-density estimate; real crystals come within tens of per
+    cent at 5-8 Å). Images: the ``∏ (2 n_k + 1)`` cells a brute-force search visits, with
+    ``n_k = floor(rc |b_k|) + 1`` as in ``neighbors_ref.image_range``; a thin, skewed cell can
+    need billions of them even when the pair count is small.
+    """
+    lattice = np.asarray(lattice, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool)
+    vol = abs(float(np.linalg.det(lattice)))
+    pairs = natoms * natoms / vol * (4.0 / 3.0) * np.pi * cutoff ** 3
+    recip = np.linalg.norm(np.linalg.inv(lattice), axis=0)  # |b_k|: columns of inv are b_k
+    n = np.where(pbc, np.floor(cutoff * recip) + 1, 0)
+    return float(pairs), float(np.prod(2 * n + 1))
+
+
 def build_graph(numbers, lattice, frac, pbc, options: GraphOptions, neighbor_fn=None) -> dict:
-    """Neighbour edges of one validated crystal as plain arrays (see ``encode_record``)."""
+    """Neighbour edges of one validated crystal as plain arrays (see ``encode_record``).
+
+    With ``options.max_pairs`` set, a structure whose :func:`estimate_pairs` (pairs or images)
+    exceeds it is rejected (``too_many_neighbors``) before any neighbour search allocates memory.
+    """
     if neighbor_fn is None:
         from uae_dist.ops import neighbor_list_numpy as neighbor_fn
     numbers = np.asarray(numbers, dtype=np.int64)
     lattice = np.asarray(lattice, dtype=np.float64)
     frac = np.asarray(frac, dtype=np.float64)
     pbc = np.asarray(pbc, dtype=bool)
+    if options.max_pairs is not None:
+        pairs, images = estimate_pairs(len(numbers), lattice, pbc, options.cutoff)
+        if max(pairs, images) > options.max_pairs:
+            raise RejectError("too_many_neighbors",
+                              f"about {pairs:.3g} neighbour pairs within {options.cutoff:g} Å "
+                              f"({len(numbers)} atoms in {abs(np.linalg.det(lattice)):.3g} Å³) "
+                              f"over {images:.3g} periodic images; the cap is --max-pairs "
+                              f"{options.max_pairs:,}")
     pos = frac @ lattice
     i, j, shift = neighbor_fn(pos, lattice, pbc, options.cutoff, options.max_neighbors)
     i, j, shift = np.asarray(i), np.asarray(j), np.asarray(shift).reshape(-1, 3)
@@ -119,7 +159,7 @@ def encode_record(rec_id: str, graph: dict, y: np.ndarray) -> bytes:
         "j": _smallest_int(graph["j"], signed=False),
         "shift": np.ascontiguousarray(_smallest_int(graph["shift"], signed=True)),
     }
-    return stnp.save(tensors, metadata={"id": str(rec_id), "schema": str(SCHEMA_VERSION)})
+    return stnp.save(tensors, metadata={"id": str(rec_id), "schema": str(RECORD_SCHEMA)})
 
 
 def record_metadata(blob: bytes) -> dict:
