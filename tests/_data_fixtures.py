@@ -12,7 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-MP = Path(os.environ.get("UAE_DATA_DIR", ROOT.parent / "shared" / "data")) / "mp_cgcnn_36737.json.gz"
+MP = Path(os.environ.get("UAE_DATA_DIR", ROOT.parent / "shared" / "data")) / \
+    "mp_cgcnn_36737.json.gz"
 
 _CACHE: dict = {}
 

@@ -151,7 +151,8 @@ def test_path_like_ids_never_read_outside_the_folder(tmp_path):
     with open(d / "id_prop.csv", "a") as f:
         f.write(f"../outside,0.1\n{tmp_path / 'abs'},0.2\n")
     m = build(d, tmp_path / "o")
-    assert rejects(tmp_path / "o") == {"../outside": "unsafe_id", str(tmp_path / "abs"): "unsafe_id"}
+    assert rejects(tmp_path / "o") == {"../outside": "unsafe_id",
+                                       str(tmp_path / "abs"): "unsafe_id"}
     assert m["counts"]["records"] == 6
 
 

@@ -50,8 +50,8 @@ def _add_build_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--max-neighbors", type=int, default=o.max_neighbors,
                    help="keep the N nearest (whole tied shells)")
     b.add_argument("--max-pairs", type=int, default=o.max_pairs,
-                   help="reject a structure whose estimated neighbour pairs (or periodic images "
-                        f"searched) exceed N (too_many_neighbors; default {o.max_pairs:,})")
+                   help="reject a structure whose estimated neighbour pairs exceed N "
+                        f"(too_many_neighbors; default {o.max_pairs:,})")
     b.add_argument("--shards", type=int, default=o.shards, help=f"default {o.shards}")
     b.add_argument("--workers", type=int, default=r.workers,
                    help=f"local worker processes (default {r.workers})")

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,8 +56,11 @@ def check_out_dir(out: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise OptionError("--out", f"{out}: {parent} is a file, so no directory can be made there")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OptionError("--out", f"{out}: {parent} is not writable; choose another --out")
+    try:  # a real probe: os.access says yes to root on read-only or virtual file systems
+        os.rmdir(tempfile.mkdtemp(prefix=".uae-probe-", dir=parent))
+    except OSError as e:
+        raise OptionError("--out", f"{out}: cannot create anything in {parent} ({e.strerror}); "
+                                   "choose another --out") from None
 
 
 # --------------------------------------------------------------------------- driver
@@ -157,6 +161,10 @@ def prepare_out(out: Path, identity: dict, resume: bool, overwrite: bool) -> Non
     """Make ``out`` ready: refuse to mix builds; with ``overwrite`` delete what a build wrote there
     and nothing else (a directory holding other files is refused)."""
     ours, foreign = layout.classify(out)
+    clash = [p for p in foreign if p.parent == out and p.name in layout.NAMES]
+    if clash:  # a build would replace them
+        raise BuildError(f"{out} holds {', '.join(p.name for p in clash)} that uae-dist did not "
+                         "write; nothing was changed. Choose another --out")
     if overwrite and ours:
         if foreign:
             names = ", ".join(str(p.relative_to(out)) for p in foreign[:3])

@@ -21,8 +21,8 @@ import numpy as np
 
 from .crystal import Crystal, ParseError, describe_error
 
-# The checks below read the CIF's own tags, so both parsing paths refuse the same CIFs: the fast path
-# declines every CIF they could apply to (occupancy != 1, unknown symbols, attached hydrogens).
+# The checks below read the CIF's own tags, so both parsing paths refuse the same CIFs: the fast
+# path declines every CIF they could apply to (occupancy != 1, unknown symbols, attached hydrogens).
 # pymatgen's own composition check (a warning) misses CIFs without type symbols or formula.
 _PMG_SPECIAL = re.compile("Hw|Ow|Wat|wat|OH|OH2|NO3")  # what pymatgen's _parse_symbol maps itself
 _LETTERS = re.compile(r"[A-Za-z]+")

@@ -10,7 +10,7 @@ import numpy as np
 class Crystal:
     """One ordered periodic structure, as the graph builder consumes it."""
     numbers: np.ndarray   # (N,) int64 atomic numbers
-    lattice: np.ndarray   # (3, 3) float64, rows are lattice vectors (pymatgen's orientation for CIFs)
+    lattice: np.ndarray   # (3, 3) float64, rows are lattice vectors (pymatgen's orientation)
     frac: np.ndarray      # (N, 3) float64 fractional coordinates
     pbc: np.ndarray = field(default_factory=lambda: np.ones(3, dtype=bool))  # (3,) bool
 

@@ -69,7 +69,8 @@ class CrystalGraphDataset(torch.utils.data.Dataset):
         self.dtype = dtype
         built = float(self.manifest["options"]["cutoff"])
         if cutoff is not None and cutoff > built + 1e-9:
-            raise ValueError(f"cutoff {cutoff} Å exceeds the {built} Å the data set was built with; rebuild it")
+            raise ValueError(f"cutoff {cutoff} Å exceeds the {built} Å the data set was built "
+                             "with; rebuild it")
         self.cutoff = None if cutoff is None or cutoff >= built else float(cutoff)
         self.max_neighbors = max_neighbors
         rec = self.manifest["records"]

@@ -1,9 +1,9 @@
 """One crystal → one graph record: validation, neighbour edges, and a pickle-free byte encoding.
 
-A record is a safetensors blob (a JSON header plus raw little-endian arrays), so any tool can read it
-without this package and nothing executes code on load. Edges are stored in CSR form around the
-centre atom ``i`` (per-atom neighbour counts + ``j`` + ``shift``); see ``uae_dist.ops.neighbors_ref``
-for the edge convention.
+A record is a safetensors blob (a JSON header plus raw little-endian arrays), so any tool can read
+it without this package and nothing executes code on load. Edges are stored in CSR form around the
+centre atom ``i`` (per-atom neighbour counts + ``j`` + ``shift``); see
+``uae_dist.ops.neighbors_ref`` for the edge convention.
 """
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ MIN_DISTANCE = 0.1
 # A label beyond this magnitude is a data error in any unit: it keeps labels, their squares and
 # the sums of squares over millions of records finite in float32 (training normalises with them).
 MAX_ABS_LABEL = 1e12
+# Periodic images a neighbour search may visit for one structure (MP at 8 Å needs at most 729);
+# a thin, skewed cell can need billions even when its pair count is small.
+MAX_IMAGES = 100_000
 
 
 class RejectError(ValueError):
@@ -48,7 +51,8 @@ def validate_crystal(numbers, lattice, frac, pbc) -> None:
         raise RejectError("empty_structure", "no sites")
     bad = numbers[(numbers < 1) | (numbers > MAX_Z)]
     if bad.size:
-        raise RejectError("element_out_of_range", f"atomic number(s) {sorted(set(bad.tolist()))} outside 1..{MAX_Z}")
+        raise RejectError("element_out_of_range",
+                          f"atomic number(s) {sorted(set(bad.tolist()))} outside 1..{MAX_Z}")
     if not np.all(np.isfinite(lattice)):
         raise RejectError("non_finite_lattice", "lattice has NaN/inf entries")
     if not np.all(np.isfinite(frac)):
@@ -56,9 +60,10 @@ def validate_crystal(numbers, lattice, frac, pbc) -> None:
     lengths = np.linalg.norm(lattice, axis=1)
     vol = abs(float(np.linalg.det(lattice)))
     # volume relative to the box of the lengths: ~0 when vectors are (nearly) coplanar
-    if np.any(lengths[np.asarray(pbc, bool)] < 1e-3) or vol < 1e-6 * max(float(np.prod(lengths)), 1e-30):
-        raise RejectError("degenerate_lattice", f"cell vectors are (nearly) linearly dependent (volume {vol:.3g} Å³, "
-                                                f"lengths {np.round(lengths, 4).tolist()})")
+    flat = vol < 1e-6 * max(float(np.prod(lengths)), 1e-30)
+    if np.any(lengths[np.asarray(pbc, bool)] < 1e-3) or flat:
+        raise RejectError("degenerate_lattice", "cell vectors are (nearly) linearly dependent "
+                          f"(volume {vol:.3g} Å³, lengths {np.round(lengths, 4).tolist()})")
 
 
 def check_labels(targets: dict, bounds: dict) -> None:
@@ -75,7 +80,8 @@ def check_labels(targets: dict, bounds: dict) -> None:
         if v is None or not np.isfinite(v):
             continue
         if not (lo <= v <= hi):
-            raise RejectError("label_out_of_bounds", f"{name}={v:g} outside sanity bound [{lo:g}, {hi:g}]")
+            raise RejectError("label_out_of_bounds",
+                              f"{name}={v:g} outside sanity bound [{lo:g}, {hi:g}]")
 
 
 def estimate_pairs(natoms: int, lattice, pbc, cutoff: float) -> tuple[float, float]:
@@ -99,8 +105,9 @@ def estimate_pairs(natoms: int, lattice, pbc, cutoff: float) -> tuple[float, flo
 def build_graph(numbers, lattice, frac, pbc, options: GraphOptions, neighbor_fn=None) -> dict:
     """Neighbour edges of one validated crystal as plain arrays (see ``encode_record``).
 
-    With ``options.max_pairs`` set, a structure whose :func:`estimate_pairs` (pairs or images)
-    exceeds it is rejected (``too_many_neighbors``) before any neighbour search allocates memory.
+    A structure whose :func:`estimate_pairs` exceeds ``options.max_pairs`` pairs (when set) or
+    ``MAX_IMAGES`` images is rejected (``too_many_neighbors``) before any neighbour search
+    allocates memory for it.
     """
     if neighbor_fn is None:
         from uae_dist.ops import neighbor_list_numpy as neighbor_fn
@@ -108,14 +115,16 @@ def build_graph(numbers, lattice, frac, pbc, options: GraphOptions, neighbor_fn=
     lattice = np.asarray(lattice, dtype=np.float64)
     frac = np.asarray(frac, dtype=np.float64)
     pbc = np.asarray(pbc, dtype=bool)
-    if options.max_pairs is not None:
-        pairs, images = estimate_pairs(len(numbers), lattice, pbc, options.cutoff)
-        if max(pairs, images) > options.max_pairs:
-            raise RejectError("too_many_neighbors",
-                              f"about {pairs:.3g} neighbour pairs within {options.cutoff:g} Å "
-                              f"({len(numbers)} atoms in {abs(np.linalg.det(lattice)):.3g} Å³) "
-                              f"over {images:.3g} periodic images; the cap is --max-pairs "
-                              f"{options.max_pairs:,}")
+    pairs, images = estimate_pairs(len(numbers), lattice, pbc, options.cutoff)
+    if options.max_pairs is not None and pairs > options.max_pairs:
+        raise RejectError("too_many_neighbors",
+                          f"about {pairs:.3g} neighbour pairs within {options.cutoff:g} Å "
+                          f"({len(numbers)} atoms in {abs(np.linalg.det(lattice)):.3g} Å³); the "
+                          f"cap is --max-pairs {options.max_pairs:,}")
+    if images > MAX_IMAGES:
+        raise RejectError("too_many_neighbors",
+                          f"the cell is so thin that a {options.cutoff:g} Å neighbour search "
+                          f"visits {images:.3g} periodic images (at most {MAX_IMAGES:,})")
     pos = frac @ lattice
     i, j, shift = neighbor_fn(pos, lattice, pbc, options.cutoff, options.max_neighbors)
     i, j, shift = np.asarray(i), np.asarray(j), np.asarray(shift).reshape(-1, 3)
@@ -126,11 +135,13 @@ def build_graph(numbers, lattice, frac, pbc, options: GraphOptions, neighbor_fn=
     dmin = float(d.min())
     if dmin < MIN_DISTANCE:
         k = int(np.argmin(d))
-        raise RejectError("overlapping_atoms", f"sites {int(i[k])} and {int(j[k])} are {dmin:.3g} Å apart")
+        raise RejectError("overlapping_atoms",
+                          f"sites {int(i[k])} and {int(j[k])} are {dmin:.3g} Å apart")
     counts = np.bincount(i, minlength=len(numbers))
     if np.any(counts == 0):
         lonely = np.flatnonzero(counts == 0)[:5].tolist()
-        raise RejectError("no_neighbors", f"site(s) {lonely} have no neighbour within {options.cutoff:g} Å")
+        raise RejectError("no_neighbors",
+                          f"site(s) {lonely} have no neighbour within {options.cutoff:g} Å")
     return {"z": numbers, "pos": pos, "frac": frac, "cell": lattice, "pbc": pbc,
             "nbr_count": counts, "j": j, "shift": shift}
 
@@ -139,7 +150,9 @@ def _smallest_int(a: np.ndarray, signed: bool) -> np.ndarray:
     if a.size == 0:
         return a.astype(np.int8 if signed else np.uint8)
     lo, hi = int(a.min()), int(a.max())
-    for dt in ((np.int8, np.int16, np.int32, np.int64) if signed else (np.uint8, np.uint16, np.uint32, np.int64)):
+    kinds = ((np.int8, np.int16, np.int32, np.int64) if signed
+             else (np.uint8, np.uint16, np.uint32, np.int64))
+    for dt in kinds:
         info = np.iinfo(dt)
         if info.min <= lo and hi <= info.max:
             return a.astype(dt)

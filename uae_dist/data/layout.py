@@ -20,6 +20,7 @@ REJECTS = "rejects.jsonl"
 SHARD_DIR = "shards"
 FORMAT = "uae-dist graph LMDB"  # manifest["format"]
 
+NAMES = (MANIFEST, SPLIT, REJECTS, SHARD_DIR)  # what a build creates directly in its directory
 _SHARD_RE = re.compile(r"shard-\d{5}-of-\d{5}\.lmdb(-lock)?")
 _TOP = (MANIFEST, SPLIT, REJECTS)
 

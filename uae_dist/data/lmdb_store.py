@@ -2,8 +2,8 @@
 
 Keys inside a shard (``%010d`` is the record's position in the source, so shards from any number of
 writers merge back into source order):
-  ``r%010d`` → encoded graph record      ``s%010d`` → JSON summary (id, natoms, nedges, y, elements)
-  ``x%010d`` → JSON reject               ``__meta__`` → JSON identity of the build (source, options)
+  ``r%010d`` → encoded graph record  ``s%010d`` → JSON summary (id, natoms, nedges, y, elements)
+  ``x%010d`` → JSON reject           ``__meta__`` → JSON identity of the build (source, options)
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def rkey(prefix: str, index: int) -> bytes:
 def open_writer(path: Path) -> lmdb.Environment:
     path.parent.mkdir(parents=True, exist_ok=True)
     # sync on commit: a committed batch survives SIGKILL and power loss alike
-    return lmdb.open(str(path), subdir=False, map_size=MAP_SIZE, readahead=False, meminit=False, max_dbs=0)
+    return lmdb.open(str(path), subdir=False, map_size=MAP_SIZE, readahead=False, meminit=False,
+                     max_dbs=0)
 
 
 _READERS: dict[str, tuple[int, lmdb.Environment]] = {}

@@ -1,10 +1,11 @@
 """Options of ``uae-dist data build``: every default lives here, once.
 
 :class:`BuildOptions` decide what a build writes (they are its identity: ``--resume`` refuses to mix
-builds whose options differ); :class:`RunOptions` only decide how it runs. The command line takes its
-defaults and help from these classes, and ``build_lmdb(**kwargs)`` maps its keyword arguments onto
-them (``None`` means "the default"). :func:`validate` checks every value before anything expensive
-starts (opening the source, creating ``--out``) and raises :class:`OptionError` naming the option.
+builds whose options differ); :class:`RunOptions` only decide how it runs. The command line takes
+its defaults and help from these classes, and ``build_lmdb(**kwargs)`` maps its keyword arguments
+onto them (``None`` means "the default"). :func:`validate` checks every value before anything
+expensive starts (opening the source, creating ``--out``) and raises :class:`OptionError` naming
+the option.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class OptionError(BuildError, ValueError):
 class BuildOptions:
     cutoff: float = 8.0                   # Å
     max_neighbors: int | None = None      # keep the N nearest per atom (whole tied shells)
-    max_pairs: int = 1_000_000            # estimated neighbour pairs above which a record is rejected
+    max_pairs: int = 1_000_000            # estimated neighbour pairs that reject a record
     targets: list[str] | None = None      # None: the known data set's, else every numeric field
     bounds: dict = field(default_factory=lambda: dict(DEFAULT_BOUNDS))  # name -> (lo, hi)
     shards: int = 4

@@ -1,16 +1,18 @@
 """Structure sources: JSON lists of records with CIF strings, CGCNN folders, extxyz / ASE files.
 
-A :class:`Source` gives cheap access to raw records (:meth:`Source.record`: id, targets, the unparsed
-payload, and any ``problem`` the reader found) and parses one record into a :class:`Crystal` on
-demand (:meth:`Source.parse`), raising :class:`ParseError` -- and only :class:`ParseError` -- for a
-record that cannot be turned into one ordered periodic structure. Sanity checks of the parsed
-numbers (element range, NaN coordinates, degenerate lattices, duplicate ids ...) are the graph
-builder's job, not the reader's: parsed values are passed through as they are.
+A :class:`Source` gives cheap access to raw records (:meth:`Source.record`: id, targets, the
+unparsed payload, and any ``problem`` the reader found) and parses one record into a
+:class:`Crystal` on demand (:meth:`Source.parse`), raising :class:`ParseError` -- and only
+:class:`ParseError` -- for a record that cannot be turned into one ordered periodic structure.
+Sanity checks of the parsed numbers (element range, NaN coordinates, degenerate lattices, duplicate
+ids ...) are the graph builder's job, not the reader's: parsed values are passed through as they
+are.
 
-What a reader decides from the whole source, never from one record: the id key, the default targets
-(keys whose non-null values are numbers in most records that have them) and, for CGCNN, the number of
-target columns (the commonest row width). A record that does not fit is not dropped silently and
-does not change the others: it carries ``problem = (reason, detail)`` and the build rejects it:
+What a reader decides from the whole source, never from one record: the id key, the default
+targets (keys whose non-null values are numbers in most records that have them) and, for CGCNN, the
+number of target columns (the commonest row width). A record that does not fit is not dropped
+silently and does not change the others: it carries ``problem = (reason, detail)`` and the build
+rejects it:
 
 ``missing_id``         the record lacks the source's id key (or it is null / empty)
 ``non_numeric_label``  a target value that is not a number (``"abc"``, ``true``, a list); null,
@@ -19,15 +21,15 @@ does not change the others: it carries ``problem = (reason, detail)`` and the bu
 ``unsafe_id``          a CGCNN id that is not a plain file name (``../x``, ``/abs``): it would read
                        a file outside the folder and outside the source hash
 
-Only regular files are read (a FIFO or ``/dev/zero`` named ``X.cif`` would block or never end), and a
-CIF file over :data:`MAX_FILE_BYTES` is refused (``unreadable_file``).
+Only regular files are read (a FIFO or ``/dev/zero`` named ``X.cif`` would block or never end),
+and a CIF file over :data:`MAX_FILE_BYTES` is refused (``unreadable_file``).
 
 Formats (``open_source(path, fmt=...)``):
 
 ``json``
-    A JSON list of dicts (``.json`` or ``.json.gz``), each with a CIF string under ``cif_key``. The id
-    is taken from ``id_key``, by default the one of ``material_id, id, hoip_id, mpid, name`` that most
-    records have (none: the record index). Integral numbers are written without a decimal point
+    A JSON list of dicts (``.json`` or ``.json.gz``), each with a CIF string under ``cif_key``. The
+    id is taken from ``id_key``, by default the one of ``material_id, id, hoip_id, mpid, name`` that
+    most records have (none: the record index). Integral numbers are written without a decimal point
     (``1346.0`` -> ``"1346"``). Numeric strings (``"1.5"``) are read as numbers.
 ``cgcnn``
     A folder with ``id_prop.csv`` (no header: ``id,target[,target2,...]``; a UTF-8 BOM is ignored)
@@ -37,10 +39,11 @@ Formats (``open_source(path, fmt=...)``):
     Any file ``ase.io.read(path, index=":")`` reads (``extxyz`` forces that format). Targets: the
     numeric ``atoms.info`` keys plus the calculator's ``energy`` (and ``energy_per_atom``) when
     present; id from the info key ``id_key``, by default whichever of ``id`` / ``name`` most frames
-    have (none: the frame index). ``pbc`` comes from the Atoms; non-periodic axes are allowed as long
-    as the cell has three linearly independent vectors (the fractional coordinates are defined with
-    respect to it). A cell with a zero or dependent vector (the usual way to write a molecule or a
-    slab without vacuum box) raises ``ParseError("non-periodic structure without a cell ...")``.
+    have (none: the frame index). ``pbc`` comes from the Atoms; non-periodic axes are allowed as
+    long as the cell has three linearly independent vectors (the fractional coordinates are
+    defined with respect to it). A cell with a zero or dependent vector (the usual way to write a
+    molecule or a slab without vacuum box) raises ``ParseError("non-periodic structure without a
+    cell ...")``.
 
 CIF payloads are parsed by :func:`uae_dist.data.cif.parse_cif` (gemmi fast path, pymatgen otherwise;
 refusals of bad cells and changed chemistry are described there).
@@ -115,7 +118,8 @@ class Source:
                 "targets": self.target_names()}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.path)!r}, n={len(self)}, targets={self.target_names()})"
+        return (f"{type(self).__name__}({str(self.path)!r}, n={len(self)}, "
+                f"targets={self.target_names()})")
 
 
 class JsonSource(Source):
@@ -226,7 +230,8 @@ class CgcnnSource(Source):
         k = self._check_index(k)
         row = self._rows[k]
         rid, vals = row[0] or None, row[1:]
-        cells = {name: vals[c] if c < len(vals) else None for name, c in zip(self._names, self._cols)}
+        cells = {name: vals[c] if c < len(vals) else None
+                 for name, c in zip(self._names, self._cols)}
         targets, problem = _labels(self._names, cells.get)
         if len(vals) != self._ncol:
             problem = ("malformed_row", f"id_prop.csv row {k + 1} has {len(vals)} value(s) after "
