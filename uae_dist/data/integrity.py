@@ -173,4 +173,5 @@ def check_record(r: dict, rid: str, natoms: int, nedges: int, y, where: str) -> 
     if got.shape != want.shape or not np.array_equal(got, want, equal_nan=True):
         bad.append(f"labels {got.tolist()} differ from the manifest's {want.tolist()}")
     if bad:
-        raise DataError(f"record {rid!r} in {where}: {'; '.join(bad)}: the data set is damaged")
+        raise DataError(f"record {rid!r} in {where}: {'; '.join(bad)}: the data set is damaged; "
+                        "find every problem with `uae-dist data verify DIR`, then rebuild it")
