@@ -106,6 +106,7 @@ def parse_cif_pymatgen(text: str) -> Crystal:
         from pymatgen.io.cif import CifParser
     except Exception as e:  # pragma: no cover - pymatgen is a dependency
         raise ParseError(f"CIF parse failed: pymatgen unavailable ({describe_error(e)})") from None
+    check_cell_parameters(text)  # the fast path declines these CIFs
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -148,7 +149,6 @@ def parse_cif(text, fast_cif: bool = True) -> Crystal:
         text = text.decode("utf-8", "replace")
     if not isinstance(text, str) or not text.strip():
         raise ParseError(f"CIF parse failed: no CIF text (got {type(text).__name__})")
-    check_cell_parameters(text)
     if fast_cif:
         try:
             from .fast_cif import parse_cif_fast

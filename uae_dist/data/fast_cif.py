@@ -299,6 +299,8 @@ def _parse(text: str):
         if p is None or p[0] != tag or p[1][:1] in ("'", '"', ";"):
             return None
         cell.append(_str2float(p[1]))
+    if not (min(cell[:3]) > 0 and all(0 < x < 180 for x in cell[3:])):
+        return None  # cif.parse_cif_pymatgen refuses it (bad_cell)
 
     # ---- oxidation states / anything making pymatgen build Species: decline
     if block.find_value("_atom_type_oxidation_number") is not None or \

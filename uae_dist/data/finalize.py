@@ -126,10 +126,13 @@ def finalize(out: Path, src, path: Path, known, identity: dict, opts: BuildOptio
     return manifest
 
 
-def make_split(ids: list[str], fractions=(0.8, 0.1, 0.1), seed: int = 0) -> dict:
-    """Seeded split by id. Ids are ordered by a seeded hash of the id itself and cut at the
-    fractions, so the split does not depend on shard or worker counts, and adding or removing a
-    few records (other bounds, other rejects) moves only the few ids at the cut points."""
+def make_split(ids: list[str], fractions=None, seed: int | None = None) -> dict:
+    """Seeded split by id (``None``: the BuildOptions defaults). Ids are ordered by a seeded hash
+    of the id itself and cut at the fractions, so the split does not depend on shard or worker
+    counts, and adding or removing a few records (other bounds, other rejects) moves only the few
+    ids at the cut points."""
+    fractions = BuildOptions().split if fractions is None else fractions
+    seed = BuildOptions().seed if seed is None else seed
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
         raise BuildError("split fractions must be three non-negative numbers summing to 1, "
                          f"got {fractions}")
