@@ -33,6 +33,7 @@ def open_writer(path: Path) -> lmdb.Environment:
 
 
 _READERS: dict[str, tuple[int, lmdb.Environment]] = {}
+_RESOLVED: dict[str, str] = {}  # path as given -> resolved path (the key of _READERS)
 
 
 def open_reader(path: Path, expect_bytes: int | None = None) -> lmdb.Environment:
@@ -43,7 +44,9 @@ def open_reader(path: Path, expect_bytes: int | None = None) -> lmdb.Environment
     page its LMDB header names: reading a page past the end of a mapped file is SIGBUS, which kills
     the process without a message. Raises DataError naming the file instead.
     """
-    key = str(Path(path).resolve())
+    key = _RESOLVED.get(str(path))
+    if key is None:  # resolving costs ~20 us: once per spelling of the path
+        key = _RESOLVED[str(path)] = str(Path(path).resolve())
     pid = os.getpid()
     hit = _READERS.get(key)
     if hit is not None:
