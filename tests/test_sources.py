@@ -119,12 +119,16 @@ def test_json_small_file(tmp_path, name):
         {"material_id": None, "e": 1.0, "g": 1.0, "cif": GOOD},
     ]
     path = _write_json(tmp_path / name, recs)
-    # default targets: keys numeric-or-null in the first records ("e" has a string there)
-    assert open_source(path).target_names() == ["g"]
+    # default targets: keys whose values are numbers in most records that have them, counted over
+    # the whole source ("e" has one string): the string is that record's problem, not the column's
+    assert open_source(path).target_names() == ["e", "g"]
     s = open_source(path, targets=["e", "g"])
     assert s.fmt == "json" and s.target_names() == ["e", "g"]
     ids = [s.record(k).id for k in range(len(s))]
-    assert ids == ["a", "b", "c", "d", "12", "5"]  # null id -> record index
+    assert ids == ["a", "b", "c", "d", "12", None]  # null id: no id, and a reject
+    assert s.record(5).problem[0] == "missing_id"
+    assert s.record(1).problem == ("non_numeric_label", "e: 'n/a' is not a number")
+    assert [s.record(k).problem for k in (0, 2, 3, 4)] == [None] * 4
     t = [s.record(k).targets for k in range(4)]
     assert t[0]["e"] == 1.5 and math.isnan(t[0]["g"])
     assert math.isnan(t[1]["e"]) and t[1]["g"] == 2.0
@@ -217,7 +221,13 @@ def test_extxyz(tmp_path):
     s = open_source(path)
     assert s.fmt == "extxyz" and len(s) == 3
     assert s.target_names() == ["band_gap", "energy", "energy_per_atom"]
-    assert [s.record(k).id for k in range(3)] == ["bulk-1", "7", "2"]
+    # one id key for the whole file ("id" and "name" tie at one frame each: "id" comes first);
+    # frames without it are rejects, not ids made from their position
+    assert [s.record(k).id for k in range(3)] == ["bulk-1", None, None]
+    assert [s.record(k).problem and s.record(k).problem[0] for k in range(3)] == \
+        [None, "missing_id", "missing_id"]
+    assert open_source(path, id_key="name").record(1).problem == \
+        ("non_numeric_label", "band_gap: 'oops' is not a number")
     t0 = s.record(0).targets
     assert t0["band_gap"] == 3.2 and t0["energy"] == -6.0 and t0["energy_per_atom"] == -3.0
     t1 = s.record(1).targets

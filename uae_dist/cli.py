@@ -8,40 +8,76 @@ import os
 import sys
 
 
-def _bounds(items):
-    out = {}
-    for it in items or []:
-        try:
-            name, rng = it.split("=", 1)
-            lo, hi = rng.split(":", 1)
-            out[name] = (float(lo) if lo else float("-inf"), float(hi) if hi else float("inf"))
-        except ValueError:
-            raise SystemExit(f"--bound expects NAME=LO:HI (either side may be empty), got {it!r}")
-    return out
-
-
 def cmd_data_build(a) -> int:
     from uae_dist.data.build import BuildError, build_lmdb
-    from uae_dist.data.registry import DEFAULT_BOUNDS
+    from uae_dist.data.options import BuildOptions, parse_bound
 
-    bounds = None  # the defaults of registry.DEFAULT_BOUNDS
-    if a.bound or a.no_default_bounds:
-        bounds = ({} if a.no_default_bounds else dict(DEFAULT_BOUNDS)) | _bounds(a.bound)
     try:
-        m = build_lmdb(a.source, a.out, targets=a.targets, cutoff=a.cutoff, max_neighbors=a.max_neighbors,
-                       shards=a.shards, workers=a.workers, limit=a.limit, resume=a.resume, overwrite=a.overwrite,
-                       bounds=bounds, fmt=a.format, id_key=a.id_key, cif_key=a.cif_key, fast_cif=not a.no_fast_cif,
-                       seed=a.seed, split=tuple(float(x) for x in a.split.split(",")),
+        bounds = {} if a.no_default_bounds else BuildOptions().bounds
+        bounds |= dict(parse_bound(b) for b in a.bound or [])
+        m = build_lmdb(a.source, a.out, targets=a.targets, cutoff=a.cutoff,
+                       max_neighbors=a.max_neighbors, max_pairs=a.max_pairs, shards=a.shards,
+                       workers=a.workers, limit=a.limit, resume=a.resume, overwrite=a.overwrite,
+                       bounds=bounds, fmt=a.format, id_key=a.id_key, cif_key=a.cif_key,
+                       fast_cif=not a.no_fast_cif, seed=a.seed, split=a.split,
                        commit_every=a.commit_every, progress=not a.quiet)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, BuildError) as e:
         print(f"uae-dist data build: error: {e}", file=sys.stderr)
         return 2
-    rank = next((int(os.environ[v]) for v in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK") if v in os.environ), 0)
+    rank = next((int(os.environ[v]) for v in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
+                 if v in os.environ), 0)
     if m is not None and rank == 0:
         c = m["counts"]
         print(f"{c['records']:,} records ({c['rejected']:,} rejected, see {a.out}/rejects.jsonl) "
-              f"in {m['build']['wall_s']:.1f} s = {m['build']['records_per_s']:,.0f} structures/s → {a.out}")
+              f"in {m['build']['wall_s']:.1f} s = {m['build']['records_per_s']:,.0f} "
+              f"structures/s → {a.out}")
     return 0
+
+
+def _add_build_arguments(b: argparse.ArgumentParser) -> None:
+    """The build's options; defaults and their help come from BuildOptions / RunOptions."""
+    from uae_dist.data.options import FORMATS, BuildOptions, RunOptions
+
+    o, r = BuildOptions(), RunOptions()
+    bounds = ", ".join(f"{k} [{lo:g}, {hi:g}]" for k, (lo, hi) in o.bounds.items())
+    b.add_argument("--source", required=True, help="a file or folder (JSON(.gz) records, CGCNN "
+                   "folder, extxyz or anything ASE reads) or a known data set name: mp, hoip")
+    b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--targets", default=o.targets, help="comma-separated label names (default: "
+                   "the known set's, else every field holding numbers in most records)")
+    b.add_argument("--cutoff", type=float, default=o.cutoff,
+                   help=f"neighbour cutoff in Å (default {o.cutoff:g})")
+    b.add_argument("--max-neighbors", type=int, default=o.max_neighbors,
+                   help="keep the N nearest (whole tied shells)")
+    b.add_argument("--max-pairs", type=int, default=o.max_pairs,
+                   help="reject a structure whose estimated neighbour pairs exceed N "
+                        f"(too_many_neighbors; default {o.max_pairs:,})")
+    b.add_argument("--shards", type=int, default=o.shards, help=f"default {o.shards}")
+    b.add_argument("--workers", type=int, default=r.workers,
+                   help=f"local worker processes (default {r.workers})")
+    b.add_argument("--limit", type=int, default=o.limit, help="only the first N source records")
+    b.add_argument("--resume", action="store_true", default=r.resume,
+                   help="finish an interrupted build")
+    b.add_argument("--overwrite", action="store_true", default=r.overwrite,
+                   help="delete the files of an existing build in --out first (refused if --out "
+                        "holds files uae-dist did not write)")
+    b.add_argument("--bound", action="append", metavar="NAME=LO:HI",
+                   help=f"sanity bound of a label (repeatable); defaults: {bounds}")
+    b.add_argument("--no-default-bounds", action="store_true")
+    b.add_argument("--format", default=o.fmt, choices=FORMATS)
+    b.add_argument("--id-key", default=o.id_key, help="key of the record id (default: the one "
+                   "most records have of material_id, id, hoip_id, mpid, name)")
+    b.add_argument("--cif-key", default=o.cif_key, help=f"JSON key of the CIF text "
+                   f"(default {o.cif_key})")
+    b.add_argument("--no-fast-cif", action="store_true", default=not o.fast_cif,
+                   help="parse every CIF with pymatgen")
+    b.add_argument("--split", default=",".join(f"{x:g}" for x in o.split),
+                   help="train,val,test fractions (default %(default)s)")
+    b.add_argument("--seed", type=int, default=o.seed, help="split seed (default %(default)s)")
+    b.add_argument("--commit-every", type=int, default=r.commit_every,
+                   help="records per LMDB transaction (default %(default)s)")
+    b.add_argument("-q", "--quiet", action="store_true", default=not r.progress,
+                   help="no progress bar")
 
 
 def cmd_data_verify(a) -> int:
@@ -164,29 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = dsub.add_parser("build", help="structures → periodic neighbour graphs → sharded LMDB + manifest",
                         description="Works in parallel with --workers; under `mpirun -np K` each MPI rank "
                                     "writes its own shards.")
-    b.add_argument("--source", required=True, help="a file or folder (JSON(.gz) records, CGCNN folder, extxyz "
-                   "or anything ASE reads) or a known data set name: mp, hoip")
-    b.add_argument("--out", required=True, help="output directory")
-    b.add_argument("--targets", default=None, help="comma-separated label names (default: the known set's, "
-                   "else every numeric field)")
-    b.add_argument("--cutoff", type=float, default=8.0, help="neighbour cutoff in Å (default 8)")
-    b.add_argument("--max-neighbors", type=int, default=None, help="keep the N nearest (whole tied shells)")
-    b.add_argument("--shards", type=int, default=4)
-    b.add_argument("--workers", type=int, default=1, help="local worker processes")
-    b.add_argument("--limit", type=int, default=None, help="only the first N source records")
-    b.add_argument("--resume", action="store_true", help="finish an interrupted build")
-    b.add_argument("--overwrite", action="store_true", help="delete an existing build in --out first")
-    b.add_argument("--bound", action="append", metavar="NAME=LO:HI",
-                   help="sanity bound of a label (repeatable); defaults cover e_form_per_atom and band gaps")
-    b.add_argument("--no-default-bounds", action="store_true")
-    b.add_argument("--format", default="auto", choices=["auto", "json", "cgcnn", "extxyz", "ase"])
-    b.add_argument("--id-key", default=None, help="JSON key of the record id")
-    b.add_argument("--cif-key", default="cif", help="JSON key of the CIF text")
-    b.add_argument("--no-fast-cif", action="store_true", help="parse every CIF with pymatgen")
-    b.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions")
-    b.add_argument("--seed", type=int, default=0, help="split seed")
-    b.add_argument("--commit-every", type=int, default=128, help="records per LMDB transaction")
-    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_build_arguments(b)
     b.set_defaults(func=cmd_data_build)
 
     v = dsub.add_parser("verify", help="check checksums, counts and decodability; exit 1 on damage")

@@ -2,12 +2,20 @@
 
 Shards are opened lazily, once per process (so the dataset is safe under DataLoader workers and
 forked ranks); a global index maps to its shard by bisecting the cumulative shard counts.
+
+The data must be what the manifest says, or the dataset refuses it with a DataError naming the file
+or record (see :mod:`uae_dist.data.integrity`): at open, the manifest's record table against its
+digest, split.json (a partition of the records, the file the build wrote) and every shard's size
+and xxh3 hash (``check="size"``: sizes only, for data sets too large to hash at every start); at
+every record read, the shard's size (so a shard truncated under a running job is an error, not
+SIGBUS) and the decoded record against the manifest (id, sizes, labels, finite geometry).
 """
 from __future__ import annotations
 
 import bisect
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +23,10 @@ import torch
 from torch_geometric.data import Batch, Data
 
 from . import lmdb_store as store
-from .build import MANIFEST, SPLIT
 from .graph import SCHEMA_VERSION, decode_record
+from .integrity import DataError, check_manifest_records, check_record, check_shard_file, \
+    check_split, rebuild_hint
+from .layout import MANIFEST, SPLIT
 from ..ops.neighbors_ref import cap_mask
 
 
@@ -25,25 +35,42 @@ def load_manifest(root) -> tuple[dict, str]:
     if not p.exists():
         raise FileNotFoundError(f"{p} not found: build the data set first (uae-dist data build)")
     raw = p.read_bytes()
-    m = json.loads(raw)
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{p}: schema version {m.get('schema_version')}, this uae-dist reads {SCHEMA_VERSION}")
+    try:
+        m = json.loads(raw)
+    except ValueError as e:
+        raise DataError(f"{p}: not valid JSON ({e}); {rebuild_hint(root)}") from None
+    if not isinstance(m, dict) or m.get("schema_version") != SCHEMA_VERSION:
+        got = m.get("schema_version") if isinstance(m, dict) else None
+        raise DataError(f"{p}: schema version {got}, this uae-dist reads {SCHEMA_VERSION}: "
+                        "rebuild the data set with this version (uae-dist data build --overwrite)")
     return m, hashlib.sha256(raw).hexdigest()
 
 
 class CrystalGraphDataset(torch.utils.data.Dataset):
-    """Graphs of one split (``"train"``, ``"val"``, ``"test"``) or of every record (``split=None``)."""
+    """Graphs of one split (``"train"``, ``"val"``, ``"test"``) or of every record
+    (``split=None``)."""
 
     def __init__(self, root, split: str | None = "train", dtype: torch.dtype = torch.float32,
-                 cutoff: float | None = None, max_neighbors: int | None = None):
-        """``cutoff``/``max_neighbors`` narrow the stored graphs at load time (in the loader workers),
-        so one 8 Å build serves models with shorter cutoffs."""
+                 cutoff: float | None = None, max_neighbors: int | None = None,
+                 check: str = "hash"):
+        """``cutoff``/``max_neighbors`` narrow the stored graphs at load time (in the loader
+        workers), so one 8 Å build serves models with shorter cutoffs. ``check`` is ``"hash"``
+        (sizes and xxh3 of every shard at open) or ``"size"`` (sizes only)."""
+        if check not in ("hash", "size"):
+            raise ValueError(f"check must be 'hash' or 'size', got {check!r}")
+        if split not in ("train", "val", "test", None):
+            raise ValueError(f"split must be train, val, test or None, got {split!r}")
         self.root = Path(root)
         self.manifest, self.manifest_sha256 = load_manifest(self.root)
+        check_manifest_records(self.root, self.manifest)
+        self._shard_files = [check_shard_file(self.root, s, hash_it=check == "hash")
+                             for s in self.manifest["shards"]]
+        self._shard_bytes = [int(s["bytes"]) for s in self.manifest["shards"]]
         self.dtype = dtype
         built = float(self.manifest["options"]["cutoff"])
         if cutoff is not None and cutoff > built + 1e-9:
-            raise ValueError(f"cutoff {cutoff} Å exceeds the {built} Å the data set was built with; rebuild it")
+            raise ValueError(f"cutoff {cutoff} Å exceeds the {built} Å the data set was built "
+                             "with; rebuild it")
         self.cutoff = None if cutoff is None or cutoff >= built else float(cutoff)
         self.max_neighbors = max_neighbors
         rec = self.manifest["records"]
@@ -57,13 +84,15 @@ class CrystalGraphDataset(torch.utils.data.Dataset):
         self._keys = src_index[by_shard]  # key of the k-th record in shard-major order
         shard_pos = np.empty(len(src_index), dtype=np.int64)
         shard_pos[by_shard] = np.arange(len(src_index))
-        self._shard_files = [self.root / s["file"] for s in self.manifest["shards"]]
+        try:
+            raw = (self.root / SPLIT).read_bytes()
+        except OSError as e:
+            raise DataError(f"{self.root / SPLIT}: cannot read it ({e.strerror}); "
+                            f"{rebuild_hint(self.root)}") from None
+        sp = check_split(self.root, self.manifest, raw)  # checked for every split, None too
         if split is None:
             sel = np.arange(len(src_index))
         else:
-            sp = json.loads((self.root / SPLIT).read_text())
-            if split not in ("train", "val", "test"):
-                raise ValueError(f"split must be train, val, test or None, got {split!r}")
             pos = {rid: k for k, rid in enumerate(rec["ids"])}
             sel = np.array(sorted(pos[r] for r in sp[split]), dtype=np.int64)
         self.split = split
@@ -72,14 +101,14 @@ class CrystalGraphDataset(torch.utils.data.Dataset):
         self.natoms = np.asarray(rec["natoms"], dtype=np.int64)[sel]
         self.nedges = np.asarray(rec["nedges"], dtype=np.int64)[sel]
         self.ids = [rec["ids"][k] for k in sel]
+        self._y = np.array([[np.nan if v is None else v for v in rec["y"][k]] for k in sel],
+                           dtype=np.float64).reshape(len(sel), len(self.target_names))
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def targets_array(self) -> np.ndarray:
-        y = self.manifest["records"]["y"]
-        return np.array([[np.nan if v is None else v for v in y[k]] for k in self.indices],
-                        dtype=np.float64).reshape(len(self), len(self.target_names))
+        return self._y.copy()
 
     def locate(self, k: int) -> tuple[int, int]:
         """Item ``k`` → (shard, source index used as its key)."""
@@ -94,12 +123,25 @@ class CrystalGraphDataset(torch.utils.data.Dataset):
         if not 0 <= k < len(self):
             raise IndexError(k)
         shard, key = self.locate(k)
-        env = store.open_reader(self._shard_files[shard])
+        path, size = self._shard_files[shard], self._shard_bytes[shard]
+        # a shard truncated while mapped would SIGBUS on the next page read: one stat first
+        if os.stat(path).st_size != size:
+            raise DataError(f"{path}: changed size since the data set was opened (truncated or "
+                            f"rewritten under a running job); {rebuild_hint(self.root)}")
+        env = store.open_reader(path, size)
         with env.begin(buffers=True) as txn:
             blob = txn.get(store.rkey("r", key))
             if blob is None:
-                raise KeyError(f"record {self.ids[k]!r} (key {key}) missing from {self._shard_files[shard]}")
-            r = decode_record(bytes(blob))
+                raise DataError(f"record {self.ids[k]!r} (key {key}) missing from {path}; "
+                                f"{rebuild_hint(self.root)}")
+            blob = bytes(blob)
+        try:
+            r = decode_record(blob)
+        except Exception as e:  # noqa: BLE001 - any decode failure is damage
+            raise DataError(f"record {self.ids[k]!r} in {path}: cannot decode it ({e}); "
+                            f"{rebuild_hint(self.root)}") from None
+        check_record(r, self.ids[k], int(self.natoms[k]), int(self.nedges[k]), self._y[k],
+                     str(path))
         if self.cutoff is not None or self.max_neighbors is not None:
             r = self._narrow(r)
         return r

@@ -1,6 +1,6 @@
 """Fast CIF reader (gemmi) that gives exactly what pymatgen's CIF parser gives, or declines.
 
-``parse_cif_fast(text)`` returns a :class:`~uae_dist.data.sources.Crystal` with the same atomic numbers,
+``parse_cif_fast(text)`` returns a :class:`~uae_dist.data.crystal.Crystal` with the same atomic numbers,
 site order, fractional coordinates and lattice matrix as ``pymatgen.core.Structure.from_str(text,
 fmt="cif")`` (default options), or ``None`` when the CIF is one it cannot guarantee to read identically;
 the caller then uses pymatgen. gemmi only tokenises the CIF (~10 us); the rest mirrors what pymatgen's
@@ -37,7 +37,7 @@ import re
 
 import numpy as np
 
-from .sources import Crystal
+from .crystal import Crystal
 
 try:  # gemmi is optional: without it every CIF goes through pymatgen
     import gemmi
@@ -71,7 +71,8 @@ _UNCERTAINTY = re.compile(r"\(.+\)*")          # what pymatgen's str2float strip
 _PMG_SPECIAL = re.compile("Hw|Ow|Wat|wat|OH|OH2|NO3")  # symbols pymatgen's _parse_symbol maps specially
 _LABEL = re.compile(r"[A-Z][a-z]?\d*")
 _TEXT_GUARDS = ("_space_group_magn", "_atom_site_moment", "_space_group_symop_magn",  # magCIF
-                "powder_pattern", "save_", "global_", "stop_", "#\\#CIF_2")
+                "powder_pattern", "save_", "global_", "stop_", "#\\#CIF_2",
+                "_atom_site_attached_hydrogens")  # implicit H: refused by cif.parse_cif_pymatgen
 
 _tables = None  # (symbol -> Z, symbol -> X (NaN kept), valid symbols incl. D/T)
 _ops_cache: dict = {}
@@ -298,6 +299,8 @@ def _parse(text: str):
         if p is None or p[0] != tag or p[1][:1] in ("'", '"', ";"):
             return None
         cell.append(_str2float(p[1]))
+    if not (min(cell[:3]) > 0 and all(0 < x < 180 for x in cell[3:])):
+        return None  # cif.parse_cif_pymatgen refuses it (bad_cell)
 
     # ---- oxidation states / anything making pymatgen build Species: decline
     if block.find_value("_atom_type_oxidation_number") is not None or \

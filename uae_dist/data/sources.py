@@ -1,220 +1,77 @@
 """Structure sources: JSON lists of records with CIF strings, CGCNN folders, extxyz / ASE files.
 
-A :class:`Source` gives cheap access to raw records (:meth:`Source.record`: id, targets and the unparsed
-payload) and parses one record into a :class:`Crystal` on demand (:meth:`Source.parse`), raising
-:class:`ParseError` -- and only :class:`ParseError` -- for a record that cannot be turned into one
-ordered periodic structure. Sanity checks of the parsed numbers (element range, NaN coordinates,
-degenerate lattices, duplicate ids ...) are the graph builder's job, not the reader's: parsed values are
-passed through as they are.
+A :class:`Source` gives cheap access to raw records (:meth:`Source.record`: id, targets, the
+unparsed payload, and any ``problem`` the reader found) and parses one record into a
+:class:`Crystal` on demand (:meth:`Source.parse`), raising :class:`ParseError` -- and only
+:class:`ParseError` -- for a record that cannot be turned into one ordered periodic structure.
+Sanity checks of the parsed numbers (element range, NaN coordinates, degenerate lattices, duplicate
+ids ...) are the graph builder's job, not the reader's: parsed values are passed through as they
+are.
+
+What a reader decides from the whole source, never from one record: the id key, the default
+targets (keys whose non-null values are numbers in most records that have them) and, for CGCNN, the
+number of target columns (the commonest row width). A record that does not fit is not dropped
+silently and does not change the others: it carries ``problem = (reason, detail)`` and the build
+rejects it:
+
+``missing_id``         the record lacks the source's id key (or it is null / empty)
+``non_numeric_label``  a target value that is not a number (``"abc"``, ``true``, a list); null,
+                       an empty CSV cell and ``nan`` mean "not labelled" and are kept
+``malformed_row``      a CGCNN row with another number of columns than the file's rows
+``unsafe_id``          a CGCNN id that is not a plain file name (``../x``, ``/abs``): it would read
+                       a file outside the folder and outside the source hash
+
+Only regular files are read (a FIFO or ``/dev/zero`` named ``X.cif`` would block or never end),
+and a CIF file over :data:`MAX_FILE_BYTES` is refused (``unreadable_file``).
 
 Formats (``open_source(path, fmt=...)``):
 
 ``json``
-    A JSON list of dicts (``.json`` or ``.json.gz``), each with a CIF string under ``cif_key``. The id is
-    taken from ``id_key`` (default: the first of ``material_id, id, hoip_id, mpid, name`` present in the
-    first record, else the record index). Integral numbers are written without a decimal point
-    (``1346.0`` -> ``"1346"``); a record whose id is missing or null gets its index as id. Targets default
-    to every key whose values are numbers (or null) in the first records, minus the id and CIF keys.
+    A JSON list of dicts (``.json`` or ``.json.gz``), each with a CIF string under ``cif_key``. The
+    id is taken from ``id_key``, by default the one of ``material_id, id, hoip_id, mpid, name`` that
+    most records have (none: the record index). Integral numbers are written without a decimal point
+    (``1346.0`` -> ``"1346"``). Numeric strings (``"1.5"``) are read as numbers.
 ``cgcnn``
-    A folder with ``id_prop.csv`` (no header: ``id,target[,target2,...]``) and ``ID.cif`` files. Targets
-    are named ``target0, target1, ...``; ``targets`` either selects among those names or, given as many
-    names as there are target columns, renames the columns.
+    A folder with ``id_prop.csv`` (no header: ``id,target[,target2,...]``; a UTF-8 BOM is ignored)
+    and ``ID.cif`` files. Targets are named ``target0, target1, ...``; ``targets`` either selects
+    among those names or, given as many names as there are target columns, renames the columns.
 ``extxyz`` / ``ase``
-    Any file ``ase.io.read(path, index=":")`` reads (``extxyz`` forces that format). Targets: the numeric
-    ``atoms.info`` keys plus the calculator's ``energy`` (and ``energy_per_atom``) when present; id from
-    info ``id`` / ``name``, else the frame index. ``pbc`` comes from the Atoms; non-periodic axes are
-    allowed as long as the cell has three linearly independent vectors (the fractional coordinates are
+    Any file ``ase.io.read(path, index=":")`` reads (``extxyz`` forces that format). Targets: the
+    numeric ``atoms.info`` keys plus the calculator's ``energy`` (and ``energy_per_atom``) when
+    present; id from the info key ``id_key``, by default whichever of ``id`` / ``name`` most frames
+    have (none: the frame index). ``pbc`` comes from the Atoms; non-periodic axes are allowed as
+    long as the cell has three linearly independent vectors (the fractional coordinates are
     defined with respect to it). A cell with a zero or dependent vector (the usual way to write a
     molecule or a slab without vacuum box) raises ``ParseError("non-periodic structure without a
     cell ...")``.
 
-CIF payloads are parsed with :func:`uae_dist.data.fast_cif.parse_cif_fast` (gemmi) when ``fast_cif`` is
-on and it accepts the CIF, which gives exactly what pymatgen would; otherwise with
-``pymatgen.core.Structure.from_str(text, fmt="cif")``. A disordered (partially occupied or mixed) site
-raises ``ParseError("disordered structure: partially occupied site ...")``.
+CIF payloads are parsed by :func:`uae_dist.data.cif.parse_cif` (gemmi fast path, pymatgen otherwise;
+refusals of bad cells and changed chemistry are described there).
 """
 from __future__ import annotations
 
+import collections
 import csv
 import gzip
 import hashlib
+import io
 import json
-import math
-import numbers as _numbers
 import operator
 import pathlib
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Crystal", "ParseError", "SourceRecord", "Source", "JsonSource", "CgcnnSource", "AseSource",
-           "open_source", "parse_cif"]
+from .cif import parse_cif
+from .crystal import Crystal, ParseError, describe_error
+from .records import (MAX_FILE_BYTES, SourceRecord, _check_targets, _is_number, _labels,
+                      _norm_id, _numeric_keys, _pick_id_key, _regular_source, _safe_file_id,
+                      _sha256_file, _target_list, label_value, read_bounded)
+
+__all__ = ["Crystal", "ParseError", "SourceRecord", "Source", "JsonSource", "CgcnnSource",
+           "AseSource", "open_source", "parse_cif", "label_value", "MAX_FILE_BYTES"]
 
 DEFAULT_ID_KEYS = ("material_id", "id", "hoip_id", "mpid", "name")
-_SNIFF = 100  # records looked at to choose default targets
-
-
-# --------------------------------------------------------------------------- data classes
-@dataclass
-class Crystal:
-    """One ordered periodic structure, as the graph builder consumes it."""
-    numbers: np.ndarray   # (N,) int64 atomic numbers
-    lattice: np.ndarray   # (3, 3) float64, rows are lattice vectors (pymatgen's orientation for CIFs)
-    frac: np.ndarray      # (N, 3) float64 fractional coordinates
-    pbc: np.ndarray = field(default_factory=lambda: np.ones(3, dtype=bool))  # (3,) bool
-
-    @property
-    def cart(self) -> np.ndarray:
-        return self.frac @ self.lattice
-
-
-class ParseError(ValueError):
-    """A record that cannot be parsed into one ordered structure; the message says why."""
-
-
-@dataclass
-class SourceRecord:
-    index: int       # position in the source (0-based)
-    id: str          # record id kept from the source
-    targets: dict    # {name: float}, NaN where missing / null / non-numeric
-    payload: object  # raw, unparsed (CIF string, file path, ase Atoms ...)
-
-
-# --------------------------------------------------------------------------- helpers
-def _norm_id(v) -> str | None:
-    """Record id as a string: integral numbers without a decimal point (1346.0 -> '1346')."""
-    if v is None:
-        return None
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, _numbers.Integral):
-        return str(int(v))
-    if isinstance(v, _numbers.Real):
-        f = float(v)
-        if math.isfinite(f) and f.is_integer():
-            return str(int(f))
-        return repr(f)
-    if isinstance(v, bytes):
-        v = v.decode("utf-8", "replace")
-    return str(v).strip()
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, _numbers.Real) and not isinstance(v, bool)
-
-
-def _to_float(v) -> float:
-    """Target value as float; NaN for missing / null / non-numeric."""
-    if v is None or isinstance(v, bool):
-        return math.nan
-    if isinstance(v, _numbers.Real):
-        return float(v)
-    if isinstance(v, (str, bytes)):
-        try:
-            return float(v)
-        except ValueError:
-            return math.nan
-    if isinstance(v, np.ndarray) and v.size == 1 and np.issubdtype(v.dtype, np.number):
-        return float(v.reshape(()))
-    return math.nan
-
-
-def _target_list(targets) -> list[str] | None:
-    if targets is None:
-        return None
-    if isinstance(targets, str):
-        names = [t.strip() for t in targets.split(",") if t.strip()]
-    else:
-        names = [str(t).strip() for t in targets]
-    if not names:
-        return None
-    dup = sorted({t for t in names if names.count(t) > 1})
-    if dup:
-        raise ValueError(f"target(s) given more than once: {dup}")
-    return names
-
-
-def _check_targets(names: list[str], available, what: str) -> None:
-    available = list(available)
-    missing = [t for t in names if t not in available]
-    if missing:
-        raise ValueError(f"unknown target(s) {missing} in {what}; available: {available}")
-
-
-def _sha256_file(path: pathlib.Path, h=None):
-    own = h is None
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest() if own else h
-
-
-def _reason(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-
-
-# --------------------------------------------------------------------------- CIF parsing
-def _parse_cif_pymatgen(text: str) -> Crystal:
-    try:
-        from pymatgen.core import Structure
-    except Exception as e:  # pragma: no cover - pymatgen is a dependency
-        raise ParseError(f"CIF parse failed: pymatgen unavailable ({_reason(e)})") from None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            s = Structure.from_str(text, fmt="cif")
-        except Exception as e:  # anything pymatgen throws (ValueError, KeyError, ZeroDivisionError ...)
-            why = [" ".join(str(w.message).split()) for w in caught
-                   if str(w.message).startswith("No structure parsed")]
-            detail = _reason(e) + (f" ({'; '.join(why)})" if why else "")
-            raise ParseError(f"CIF parse failed: {detail}") from None
-    try:
-        if len(s) == 0:
-            raise ParseError("CIF parse failed: empty structure")
-        if not s.is_ordered:
-            for i, site in enumerate(s):
-                if not site.is_ordered:
-                    occ = ", ".join(f"{sp}:{amt:.4g}" for sp, amt in site.species.items())
-                    raise ParseError(f"disordered structure: partially occupied site {i} ({occ}); "
-                                     "a graph needs one element per site")
-            raise ParseError("disordered structure: partially occupied site")  # pragma: no cover
-        numbers = np.array([_atomic_number(site.specie) for site in s], dtype=np.int64)
-        lattice = np.array(s.lattice.matrix, dtype=np.float64)
-        frac = np.array(s.frac_coords, dtype=np.float64).reshape(-1, 3)
-        pbc = np.array(s.lattice.pbc, dtype=bool).reshape(3)
-    except ParseError:
-        raise
-    except Exception as e:
-        raise ParseError(f"CIF parse failed: {_reason(e)}") from None
-    return Crystal(numbers, lattice, frac, pbc)
-
-
-def _atomic_number(sp) -> int:
-    """Z of a pymatgen Element/Species; 0 for a DummySpecies (whose .Z is meaningless) -- the builder rejects it."""
-    from pymatgen.core.periodic_table import DummySpecies
-    if isinstance(sp, DummySpecies):
-        return 0
-    return int(sp.Z)
-
-
-def parse_cif(text, fast_cif: bool = True) -> Crystal:
-    """CIF text -> Crystal; gemmi fast path when it applies, pymatgen otherwise. Raises ParseError only."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    if not isinstance(text, str) or not text.strip():
-        raise ParseError(f"CIF parse failed: no CIF text (got {type(text).__name__})")
-    if fast_cif:
-        try:
-            from .fast_cif import parse_cif_fast
-            c = parse_cif_fast(text)
-        except Exception:
-            c = None
-        if c is not None:
-            return c
-    return _parse_cif_pymatgen(text)
 
 
 # --------------------------------------------------------------------------- sources
@@ -257,10 +114,12 @@ class Source:
         return self._sha
 
     def describe(self) -> dict:
-        return {"fmt": self.fmt, "path": str(self.path), "n": len(self), "targets": self.target_names()}
+        return {"fmt": self.fmt, "path": str(self.path), "n": len(self),
+                "targets": self.target_names()}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.path)!r}, n={len(self)}, targets={self.target_names()})"
+        return (f"{type(self).__name__}({str(self.path)!r}, n={len(self)}, "
+                f"targets={self.target_names()})")
 
 
 class JsonSource(Source):
@@ -270,12 +129,14 @@ class JsonSource(Source):
         super().__init__(path)
         self.fast_cif = bool(fast_cif)
         self.cif_key = cif_key
+        _regular_source(self.path)
         opener = gzip.open if self.path.name.endswith(".gz") else open
         try:
             with opener(self.path, "rt", encoding="utf-8") as f:
                 data = json.load(f)
         except (OSError, ValueError, EOFError) as e:
-            raise ValueError(f"{self.path}: cannot read a JSON list of records: {_reason(e)}") from None
+            raise ValueError(f"{self.path}: cannot read a JSON list of records: "
+                             f"{describe_error(e)}") from None
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"{self.path}: expected a JSON list of objects (records), "
                              f"got {type(data).__name__}")
@@ -288,20 +149,16 @@ class JsonSource(Source):
                     seen.add(key)
                     keys.append(key)
         self.keys = keys
-        first = data[0] if data else {}
         if data and cif_key not in seen:
             raise ValueError(f"{self.path}: no CIF key {cif_key!r} in the records; keys: {keys}")
         if id_key is None:
-            id_key = next((key for key in DEFAULT_ID_KEYS if key in first), None)
+            id_key = _pick_id_key(data, DEFAULT_ID_KEYS)
         elif data and id_key not in seen:
             raise ValueError(f"{self.path}: id key {id_key!r} not in the records; keys: {keys}")
         self.id_key = id_key
         names = _target_list(targets)
         if names is None:
-            sniff = data[:_SNIFF]
-            names = [key for key in keys if key not in (id_key, cif_key)
-                     and all(r.get(key) is None or _is_number(r.get(key)) for r in sniff)
-                     and any(_is_number(r.get(key)) for r in sniff)]
+            names = _numeric_keys(data, {id_key, cif_key})
         else:
             _check_targets(names, [key for key in keys if key != cif_key], str(self.path))
         self._names = names
@@ -312,17 +169,23 @@ class JsonSource(Source):
     def record(self, k: int) -> SourceRecord:
         k = self._check_index(k)
         r = self._data[k]
-        rid = _norm_id(r.get(self.id_key)) if self.id_key is not None else None
-        if rid is None:
+        targets, problem = _labels(self._names, r.get)
+        if self.id_key is None:
             rid = str(k)
-        return SourceRecord(k, rid, {t: _to_float(r.get(t)) for t in self._names}, r.get(self.cif_key))
+        else:
+            rid = _norm_id(r.get(self.id_key))
+            if rid is None:
+                problem = ("missing_id", f"no {self.id_key!r} (the id key of this source) in the "
+                                         "record, or it is null or empty")
+        return SourceRecord(k, rid, targets, r.get(self.cif_key), problem)
 
     def parse(self, rec: SourceRecord) -> Crystal:
         return parse_cif(rec.payload, self.fast_cif)
 
     def describe(self) -> dict:
         return {"fmt": self.fmt, "path": str(self.path), "n": len(self), "id_key": self.id_key,
-                "cif_key": self.cif_key, "targets": self.target_names(), "fast_cif": self.fast_cif}
+                "cif_key": self.cif_key, "targets": self.target_names(),
+                "fast_cif": self.fast_cif}
 
 
 class CgcnnSource(Source):
@@ -332,17 +195,21 @@ class CgcnnSource(Source):
         super().__init__(path)
         self.fast_cif = bool(fast_cif)
         idp = self.path / "id_prop.csv"
-        if not idp.is_file():
+        if not idp.exists():
             raise ValueError(f"{self.path}: not a CGCNN folder (no id_prop.csv)")
+        _regular_source(idp)
+        with open(idp, "rb") as f:  # a regular file: the read ends
+            text = f.read().decode("utf-8-sig", "replace")  # Excel writes a BOM
         rows = []
-        with open(idp, newline="", encoding="utf-8") as f:
-            for row in csv.reader(f):
-                row = [c.strip() for c in row]
-                if not row or not any(row):
-                    continue
+        for row in csv.reader(io.StringIO(text, newline="")):
+            row = [c.strip() for c in row]
+            if row and any(row):
                 rows.append(row)
         self._rows = rows
-        ncol = max((len(r) - 1 for r in rows), default=0)
+        widths = collections.Counter(len(r) - 1 for r in rows)
+        # the commonest width, so one odd row neither adds a column nor loses the others
+        ncol = max(widths, key=lambda w: (widths[w], -w), default=0)
+        self._ncol = ncol
         columns = [f"target{i}" for i in range(ncol)]
         names = _target_list(targets)
         if names is None:
@@ -352,8 +219,9 @@ class CgcnnSource(Source):
         elif len(names) == ncol:
             self._names, self._cols = names, list(range(ncol))
         else:
-            raise ValueError(f"{idp}: unknown target(s) {[t for t in names if t not in columns]}; the file has "
-                             f"{ncol} target column(s) {columns} (give that many names to rename them)")
+            raise ValueError(f"{idp}: unknown target(s) {[t for t in names if t not in columns]}; "
+                             f"the file has {ncol} target column(s) {columns} (give that many "
+                             "names to rename them)")
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -361,23 +229,31 @@ class CgcnnSource(Source):
     def record(self, k: int) -> SourceRecord:
         k = self._check_index(k)
         row = self._rows[k]
-        rid = row[0]
-        vals = row[1:]
-        t = {name: (_to_float(vals[c]) if c < len(vals) else math.nan) for name, c in zip(self._names, self._cols)}
-        return SourceRecord(k, rid, t, self.path / f"{rid}.cif")
+        rid, vals = row[0] or None, row[1:]
+        cells = {name: vals[c] if c < len(vals) else None
+                 for name, c in zip(self._names, self._cols)}
+        targets, problem = _labels(self._names, cells.get)
+        if len(vals) != self._ncol:
+            problem = ("malformed_row", f"id_prop.csv row {k + 1} has {len(vals)} value(s) after "
+                                        f"the id; the file's rows have {self._ncol}")
+        payload = None
+        if rid is None:
+            problem = ("missing_id", f"id_prop.csv row {k + 1} has an empty id")
+        elif not _safe_file_id(rid):
+            problem = ("unsafe_id", f"id {rid!r} is not a plain file name inside {self.path}")
+        else:
+            payload = self.path / f"{rid}.cif"
+        return SourceRecord(k, rid, targets, payload, problem)
 
     def parse(self, rec: SourceRecord) -> Crystal:
-        p = pathlib.Path(rec.payload)
-        try:
-            text = p.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            raise ParseError(f"CIF file not found: {p}") from None
-        except OSError as e:
-            raise ParseError(f"CIF file unreadable: {p}: {_reason(e)}") from None
+        if rec.payload is None:
+            raise ParseError(f"no CIF file for id {rec.id!r}", reason="unsafe_id")
+        text = read_bounded(rec.payload).decode("utf-8", "replace")
         return parse_cif(text, self.fast_cif)
 
     def sha256(self) -> str:
-        """sha256 over id_prop.csv then every *.cif in sorted name order (name, NUL, size, NUL, bytes)."""
+        """sha256 over id_prop.csv then every regular *.cif in sorted name order (name, NUL, size,
+        NUL, bytes). FIFOs and devices are skipped: they are never read either."""
         if self._sha is None:
             h = hashlib.sha256()
             files = [self.path / "id_prop.csv"] + sorted(
@@ -390,8 +266,9 @@ class CgcnnSource(Source):
         return self._sha
 
     def describe(self) -> dict:
-        return {"fmt": self.fmt, "path": str(self.path), "n": len(self), "id_key": None, "cif_key": None,
-                "targets": self.target_names(), "target_columns": list(self._cols), "fast_cif": self.fast_cif}
+        return {"fmt": self.fmt, "path": str(self.path), "n": len(self), "id_key": None,
+                "cif_key": None, "targets": self.target_names(),
+                "target_columns": list(self._cols), "fast_cif": self.fast_cif}
 
 
 class AseSource(Source):
@@ -401,39 +278,31 @@ class AseSource(Source):
         super().__init__(path)
         self.fmt = fmt
         import ase.io
+        _regular_source(self.path)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                frames = ase.io.read(str(self.path), index=":", format="extxyz" if fmt == "extxyz" else None)
+                frames = ase.io.read(str(self.path), index=":",
+                                     format="extxyz" if fmt == "extxyz" else None)
         except Exception as e:
-            raise ValueError(f"{self.path}: ase cannot read it as {fmt}: {_reason(e)}") from None
+            raise ValueError(f"{self.path}: ase cannot read it as {fmt}: "
+                             f"{describe_error(e)}") from None
         if not isinstance(frames, list):
             frames = [frames]
         self._frames = frames
-        self.id_key = id_key
-        if id_key is not None and not any(id_key in a.info for a in frames):
+        infos = [a.info for a in frames]
+        if id_key is not None and not any(id_key in i for i in infos):
             raise ValueError(f"{self.path}: id key {id_key!r} not in any frame's info")
-        id_keys = (id_key,) if id_key is not None else ("id", "name")
-        self._id_keys = id_keys
-        info_keys: list[str] = []
-        seen = set()
-        has_energy = False
-        for a in frames:
-            for key, v in a.info.items():
-                if key not in seen and key not in id_keys and _is_number(v):
-                    seen.add(key)
-                    info_keys.append(key)
-            if self._energy(a) is not None:
-                has_energy = True
-        available = list(info_keys)
-        for extra in ("energy", "energy_per_atom"):
-            if has_energy and extra not in seen:
-                available.append(extra)
+        self.id_key = id_key if id_key is not None else _pick_id_key(infos, ("id", "name"))
+        exclude = {id_key} if id_key is not None else {"id", "name"}
+        available = _numeric_keys(infos, exclude)
+        if any(self._energy(a) is not None for a in frames):
+            available += [e for e in ("energy", "energy_per_atom") if e not in available]
         names = _target_list(targets)
         if names is None:
             names = available
         else:
-            all_info = {key for a in frames for key in a.info}
+            all_info = {key for i in infos for key in i}
             _check_targets(names, available + sorted(all_info - set(available)), str(self.path))
         self._names = names
 
@@ -455,29 +324,26 @@ class AseSource(Source):
     def __len__(self) -> int:
         return len(self._frames)
 
+    def _value(self, a, name):
+        if name in a.info:
+            return a.info[name]
+        e = self._energy(a) if name in ("energy", "energy_per_atom") else None
+        if e is None:
+            return None
+        return e if name == "energy" else (e / len(a) if len(a) else None)
+
     def record(self, k: int) -> SourceRecord:
         k = self._check_index(k)
         a = self._frames[k]
-        rid = None
-        for key in self._id_keys:
-            if a.info.get(key) is not None:
-                rid = _norm_id(a.info[key])
-                break
-        if rid is None:
+        targets, problem = _labels(self._names, lambda name: self._value(a, name))
+        if self.id_key is None:
             rid = str(k)
-        t = {}
-        for name in self._names:
-            if name in a.info:
-                t[name] = _to_float(a.info[name])
-            elif name == "energy":
-                e = self._energy(a)
-                t[name] = math.nan if e is None else e
-            elif name == "energy_per_atom":
-                e = self._energy(a)
-                t[name] = math.nan if e is None or len(a) == 0 else e / len(a)
-            else:
-                t[name] = math.nan
-        return SourceRecord(k, rid, t, a)
+        else:
+            rid = _norm_id(a.info.get(self.id_key))
+            if rid is None:
+                problem = ("missing_id", f"frame {k} has no info key {self.id_key!r} (the id key "
+                                         "of this source)")
+        return SourceRecord(k, rid, targets, a, problem)
 
     def parse(self, rec: SourceRecord) -> Crystal:
         a = rec.payload
@@ -487,17 +353,19 @@ class AseSource(Source):
             cell = np.array(a.cell.array, dtype=np.float64).reshape(3, 3)
             pos = np.array(a.positions, dtype=np.float64).reshape(-1, 3)
         except Exception as e:
-            raise ParseError(f"bad ase frame: {_reason(e)}") from None
+            raise ParseError(f"bad ase frame: {describe_error(e)}") from None
         if len(numbers) == 0:
             raise ParseError("empty structure: no atoms")
         if not np.all(np.isfinite(cell)) or np.linalg.matrix_rank(cell) < 3:
-            what = "non-periodic structure without a cell" if not pbc.all() else "periodic structure with a degenerate cell"
-            raise ParseError(f"{what}: cell vector lengths {np.round(np.linalg.norm(cell, axis=1), 6).tolist()}, "
-                             f"pbc {pbc.tolist()}; give the frame three independent cell vectors")
+            what = ("non-periodic structure without a cell" if not pbc.all()
+                    else "periodic structure with a degenerate cell")
+            lengths = np.round(np.linalg.norm(cell, axis=1), 6).tolist()
+            raise ParseError(f"{what}: cell vector lengths {lengths}, pbc {pbc.tolist()}; give "
+                             "the frame three independent cell vectors")
         try:
             frac = np.linalg.solve(cell.T, pos.T).T
         except Exception as e:
-            raise ParseError(f"cannot get fractional coordinates: {_reason(e)}") from None
+            raise ParseError(f"cannot get fractional coordinates: {describe_error(e)}") from None
         return Crystal(numbers, cell, np.ascontiguousarray(frac), pbc)
 
     def describe(self) -> dict:
@@ -519,7 +387,8 @@ def _guess_fmt(path: pathlib.Path) -> str:
     return "ase"
 
 
-def open_source(path, *, fmt="auto", id_key=None, cif_key="cif", targets=None, fast_cif=True) -> Source:
+def open_source(path, *, fmt="auto", id_key=None, cif_key="cif", targets=None,
+                fast_cif=True) -> Source:
     """Open a structure source; see the module docstring for the formats and options."""
     path = pathlib.Path(path)
     if not path.exists():
@@ -528,7 +397,8 @@ def open_source(path, *, fmt="auto", id_key=None, cif_key="cif", targets=None, f
     if fmt == "auto":
         fmt = _guess_fmt(path)
     if fmt == "json":
-        return JsonSource(path, id_key=id_key, cif_key=cif_key or "cif", targets=targets, fast_cif=fast_cif)
+        return JsonSource(path, id_key=id_key, cif_key=cif_key or "cif", targets=targets,
+                          fast_cif=fast_cif)
     if fmt == "cgcnn":
         if not path.is_dir():
             raise ValueError(f"{path}: fmt='cgcnn' needs a folder with id_prop.csv")

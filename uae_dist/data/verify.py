@@ -1,14 +1,127 @@
-"""Check a built data set (checksums, counts, decodability, split) and summarise it."""
+"""Check a built data set against its manifest (every byte, every record) and summarise it.
+
+:func:`verify` reports every problem it finds instead of stopping at the first: the manifest's
+record table against its digest, every shard's size (before mapping it: a truncated LMDB read
+through a mapping is SIGBUS), sha256 and xxh3, every record decoded and compared with the manifest
+(id, sizes, labels, finite geometry), split.json (a partition of the records, the file the build
+wrote) and the count of rejects. The same checks, minus the full hashes and decoding, run cheaply
+whenever a dataset is opened (:mod:`uae_dist.data.integrity`).
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from . import lmdb_store as store
-from .build import MANIFEST, REJECTS, SPLIT
-from .graph import decode_record
+from .graph import SCHEMA_VERSION, decode_record
+from .integrity import DataError, check_record, file_hashes, records_digest, split_problems
+from .layout import MANIFEST, REJECTS, SPLIT
+
+_RECORD_KEYS = ("ids", "source_index", "shard", "natoms", "nedges", "y")
+
+
+def _load(mp: Path):
+    if not mp.exists():
+        return None, [f"{mp}: missing (incomplete build?)"]
+    try:
+        m = json.loads(mp.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        return None, [f"{mp}: not valid JSON ({e})"]
+    if not isinstance(m, dict):
+        return None, [f"{mp}: not a JSON object"]
+    missing = [k for k in ("records", "counts", "shards") if k not in m]
+    missing += [f"records.{k}" for k in _RECORD_KEYS
+                if isinstance(m.get("records"), dict) and k not in m["records"]]
+    if missing:
+        return None, [f"{mp}: missing {', '.join(missing)} (not a uae-dist manifest, or damaged)"]
+    if m.get("schema_version") != SCHEMA_VERSION:
+        return None, [f"{mp}: schema version {m.get('schema_version')}, this uae-dist reads "
+                      f"{SCHEMA_VERSION}: rebuild the data set"]
+    return m, []
+
+
+def _check_manifest(m: dict) -> list[str]:
+    problems = []
+    rec = m["records"]
+    n = len(rec["ids"])
+    for key in _RECORD_KEYS[1:]:
+        if len(rec[key]) != n:
+            problems.append(f"manifest: records.{key} has {len(rec[key])} entries, ids has {n}")
+    if m["counts"]["records"] != n:
+        problems.append(f"manifest: counts.records={m['counts']['records']} but {n} ids")
+    if len(set(rec["ids"])) != n:
+        problems.append("manifest: duplicate record ids")
+    if records_digest(rec) != m.get("integrity", {}).get("records_sha256"):
+        problems.append("manifest: the record table (ids, labels, sizes) is not the one the "
+                        "build wrote (records_sha256 differs): edited or damaged")
+    return problems
+
+
+def _check_shard(root: Path, info: dict, rec: dict, mine: list[int], decode: bool, bar):
+    problems = []
+    p = root / info["file"]
+    if not p.is_file():
+        return [f"{info['file']}: missing"]
+    size = p.stat().st_size
+    if size != info["bytes"]:  # not mapped: reading past the end of a mapping is SIGBUS
+        return [f"{info['file']}: {size:,} bytes, the manifest says {info['bytes']:,} "
+                "(truncated or changed); not opened"]
+    hashes = file_hashes(p)
+    for name in ("sha256", "xxh3_128"):
+        if hashes[name] != info.get(name):
+            problems.append(f"{info['file']}: {name} {hashes[name][:12]}… != manifest "
+                            f"{str(info.get(name))[:12]}…")
+    if len(mine) != info["count"]:
+        problems.append(f"{info['file']}: manifest lists {len(mine)} records but "
+                        f"count={info['count']}")
+    try:
+        env = store.open_reader(p, info["bytes"])
+    except DataError as e:
+        return problems + [str(e)]
+    try:
+        with env.begin(buffers=True) as txn:
+            nkeys = sum(1 for _ in store.iter_prefix(txn, b"r"))
+            if nkeys != info["count"]:
+                problems.append(f"{info['file']}: holds {nkeys} records, manifest says "
+                                f"{info['count']}")
+            for k in mine:
+                rid = rec["ids"][k]
+                blob = txn.get(store.rkey("r", rec["source_index"][k]))
+                if blob is None:
+                    problems.append(f"record {rid!r}: missing from {info['file']}")
+                elif decode:
+                    try:
+                        r = decode_record(bytes(blob))
+                        check_record(r, rid, rec["natoms"][k], rec["nedges"][k], rec["y"][k],
+                                     info["file"])
+                    except DataError as e:
+                        problems.append(str(e))
+                    except Exception as e:  # noqa: BLE001 - any decode failure is damage
+                        problems.append(f"record {rid!r} in {info['file']}: cannot decode ({e})")
+                bar.update(1)
+    finally:
+        store.close_reader(p)
+    return problems
+
+
+def _check_split(root: Path, m: dict) -> list[str]:
+    sp = root / SPLIT
+    if not sp.exists():
+        return [f"{SPLIT}: missing"]
+    raw = sp.read_bytes()
+    try:
+        split = json.loads(raw)
+    except ValueError as e:
+        return [f"{SPLIT}: not valid JSON ({e})"]
+    if not isinstance(split, dict):
+        return [f"{SPLIT}: not a JSON object"]
+    problems = [f"{SPLIT}: {p}" for p in split_problems(split, m["records"]["ids"])]
+    if hashlib.sha256(raw).hexdigest() != m.get("integrity", {}).get("split_sha256"):
+        problems.append(f"{SPLIT}: not the split the build wrote (sha256 differs)")
+    return problems
 
 
 def verify(root, decode: bool = True, progress: bool = True) -> list[str]:
@@ -16,92 +129,27 @@ def verify(root, decode: bool = True, progress: bool = True) -> list[str]:
     from tqdm import tqdm
 
     root = Path(root)
-    problems: list[str] = []
-    mp = root / MANIFEST
-    if not mp.exists():
-        return [f"{mp}: missing (incomplete build?)"]
-    try:
-        m = json.loads(mp.read_text())
-    except json.JSONDecodeError as e:
-        return [f"{mp}: not valid JSON ({e})"]
-    missing = [k for k in ("records", "counts", "shards") if k not in m]
-    missing += [f"records.{k}" for k in ("ids", "source_index", "shard", "natoms", "nedges", "y")
-                if "records" in m and k not in m["records"]]
-    if missing:
-        return [f"{mp}: missing {', '.join(missing)} (not a uae-dist manifest, or damaged)"]
+    m, problems = _load(root / MANIFEST)
+    if m is None:
+        return problems
+    problems = _check_manifest(m)
     rec = m["records"]
-    n = len(rec["ids"])
-    for key in ("source_index", "shard", "natoms", "nedges", "y"):
-        if len(rec[key]) != n:
-            problems.append(f"manifest: records.{key} has {len(rec[key])} entries, ids has {n}")
-    if m["counts"]["records"] != n:
-        problems.append(f"manifest: counts.records={m['counts']['records']} but {n} ids")
-    if len(set(rec["ids"])) != n:
-        problems.append("manifest: duplicate record ids")
     by_shard: dict[int, list[int]] = {}
     for k, s in enumerate(rec["shard"]):
         by_shard.setdefault(s, []).append(k)
-    bar = tqdm(total=n, desc="verify", unit="rec", disable=not progress)
+    bar = tqdm(total=len(rec["ids"]), desc="verify", unit="rec", disable=not progress)
     for s, info in enumerate(m["shards"]):
-        p = root / info["file"]
-        if not p.exists():
-            problems.append(f"{info['file']}: missing")
-            continue
-        sha = store.file_sha256(p)
-        if sha != info["sha256"]:
-            problems.append(f"{info['file']}: sha256 {sha[:12]}… != manifest {info['sha256'][:12]}…")
-        mine = by_shard.get(s, [])
-        if len(mine) != info["count"]:
-            problems.append(f"{info['file']}: manifest lists {len(mine)} records but count={info['count']}")
-        try:
-            env = store.open_reader(p)
-            with env.begin(buffers=True) as txn:
-                nkeys = sum(1 for _ in store.iter_prefix(txn, b"r"))
-                if nkeys != info["count"]:
-                    problems.append(f"{info['file']}: holds {nkeys} records, manifest says {info['count']}")
-                for k in mine:
-                    rid = rec["ids"][k]
-                    blob = txn.get(store.rkey("r", rec["source_index"][k]))
-                    if blob is None:
-                        problems.append(f"record {rid!r}: missing from {info['file']}")
-                    elif decode:
-                        try:
-                            r = decode_record(bytes(blob))
-                            bad = []
-                            if r["id"] != rid:
-                                bad.append(f"id {r['id']!r}")
-                            if len(r["z"]) != rec["natoms"][k]:
-                                bad.append(f"natoms {len(r['z'])} != {rec['natoms'][k]}")
-                            if len(r["j"]) != rec["nedges"][k] or len(r["i"]) != len(r["j"]):
-                                bad.append(f"nedges {len(r['j'])} != {rec['nedges'][k]}")
-                            if not (np.isfinite(r["pos"]).all() and np.isfinite(r["cell"]).all()):
-                                bad.append("non-finite geometry")
-                            if len(r["j"]) and (r["j"].max() >= len(r["z"]) or r["j"].min() < 0):
-                                bad.append("edge index out of range")
-                            if bad:
-                                problems.append(f"record {rid!r} in {info['file']}: " + ", ".join(bad))
-                        except Exception as e:  # noqa: BLE001 — any decode failure is damage
-                            problems.append(f"record {rid!r} in {info['file']}: cannot decode ({e})")
-                    bar.update(1)
-            store.close_reader(p)
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"{info['file']}: cannot open as LMDB ({e})")
+        problems += _check_shard(root, info, rec, by_shard.get(s, []), decode, bar)
     bar.close()
-    sp = root / SPLIT
-    if not sp.exists():
-        problems.append(f"{SPLIT}: missing")
-    else:
-        split = json.loads(sp.read_text())
-        parts = [set(split.get(k, [])) for k in ("train", "val", "test")]
-        if sum(map(len, parts)) != n or set().union(*parts) != set(rec["ids"]):
-            problems.append(f"{SPLIT}: train/val/test do not partition the {n} records")
+    problems += _check_split(root, m)
     rj = root / REJECTS
     if not rj.exists():
         problems.append(f"{REJECTS}: missing")
     else:
         lines = [ln for ln in rj.read_text().splitlines() if ln.strip()]
         if len(lines) != m["counts"]["rejected"]:
-            problems.append(f"{REJECTS}: {len(lines)} lines, manifest says {m['counts']['rejected']} rejects")
+            problems.append(f"{REJECTS}: {len(lines)} lines, manifest says "
+                            f"{m['counts']['rejected']} rejects")
     return problems
 
 
