@@ -9,6 +9,8 @@
     embedding.csv     element,0,1,...: ``elementembeddings.core.Embedding.from_csv``
     model_card.json   provenance: checkpoint and data-manifest sha256, config, targets,
                       validation and test metrics, version, date, elements (un)seen in training
+    pretrain_train_ids.txt  the ids the pretraining trained on (for downstream leak checks,
+                      :mod:`uae_dist.train.provenance`), with the split.json sha256 in the card
 
 Untrained rows. An element that never occurred in a training batch keeps its random initial row,
 which looks like a real one. Such rows are replaced by the mean of the trained rows in the array
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -33,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from uae_dist.elements import N_ELEMENTS, SYMBOLS
+
+log = logging.getLogger("uae_dist.export")
 
 ALL_FORMATS = ("safetensors", "npz", "atom_init", "json", "csv")
 FILES = {"safetensors": "uae.safetensors", "npz": "uae.npz", "atom_init": "atom_init.json",
@@ -120,6 +125,7 @@ def export(checkpoint, out_dir, formats=None, include_unseen: bool = False) -> d
     try:
         _write_formats(tmp, formats, table, seen, rows)
         ck_dir = Path(ck["path"])
+        train_ids = _copy_train_ids(ck_dir, meta, tmp)
         val = st.get("best_val") or meta.get("val")
         card = {
             "format": CARD_FORMAT, "name": "uae-dist universal atomic embedding",
@@ -135,7 +141,8 @@ def export(checkpoint, out_dir, formats=None, include_unseen: bool = False) -> d
             "data": {"root": meta.get("data_root"),
                      "manifest_sha256": meta.get("data_manifest_sha256"),
                      "n_train": meta.get("n_train"), "n_val": meta.get("n_val"),
-                     "n_test": meta.get("n_test")},
+                     "n_test": meta.get("n_test"), "split_sha256": meta.get("split_sha256"),
+                     "train_ids": train_ids},
             "elements_seen": [SYMBOLS[k] for k in range(N_ELEMENTS) if seen[k]],
             "elements_unseen": [SYMBOLS[k] for k in range(N_ELEMENTS) if not seen[k]],
             "untrained_rows": "mean of the trained rows; seen = 0 in the array files; "
@@ -143,13 +150,28 @@ def export(checkpoint, out_dir, formats=None, include_unseen: bool = False) -> d
             "atom_counts_in_training": {SYMBOLS[k]: int(counts[k]) for k in range(N_ELEMENTS)
                                         if seen[k]},
             "config": config,
-            "files": {FILES[f]: file_sha256(tmp / FILES[f]) for f in formats},
+            "files": {**{FILES[f]: file_sha256(tmp / FILES[f]) for f in formats},
+                      **({train_ids["file"]: train_ids["sha256"]} if train_ids else {})},
         }
         (tmp / CARD).write_text(json.dumps(card, indent=1, allow_nan=False))
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return card
+
+
+def _copy_train_ids(ck_dir: Path, meta: dict, out: Path) -> dict | None:
+    """The run's training ids (``<run>/train_ids.txt``, checked against the checkpoint's hash)
+    → ``out``; what the model card says of them, or None when the run did not record them."""
+    from .train.provenance import EXPORTED_IDS, TRAIN_IDS, file_sha256 as sha
+
+    src, want = ck_dir.parent.parent / TRAIN_IDS, meta.get("train_ids_sha256")
+    if not want or not src.is_file() or sha(src) != want:
+        log.warning("%s: no training ids matching the checkpoint; the export cannot tell "
+                    "downstream runs which structures its pretraining saw", src)
+        return None
+    shutil.copyfile(src, out / EXPORTED_IDS)
+    return {"file": EXPORTED_IDS, "sha256": want, "count": meta.get("n_train")}
 
 
 def _write_formats(d: Path, formats, table: np.ndarray, seen: np.ndarray, rows: list[int]) -> None:

@@ -115,7 +115,7 @@ class Session:
         self.meta = {"targets": sp.targets, "world_size": world, "launcher": self.info.launcher,
                      "data_root": str(cfg.data.root), "data_manifest_sha256": sp.manifest_sha256,
                      "n_train": len(sp.train), "n_val": len(sp.val), "n_test": len(sp.test),
-                     "ds_config": self.ds_config}
+                     "ds_config": self.ds_config, **self._provenance()}
         resumed = self._restore()
         self.metrics = Metrics(self.out, sp.targets, self.rank0, tc.tensorboard,
                                resume_step=self.state.step if resumed else None)
@@ -125,6 +125,21 @@ class Session:
             self._describe()
 
     # ------------------------------------------------------------------ construction
+    def _provenance(self) -> dict:
+        """Record the training ids (for the leak check of downstream runs) and check this run's
+        own table for one (see :mod:`uae_dist.train.provenance`)."""
+        from . import provenance as P
+
+        sp, root = self.splits, Path(self.cfg.data.root)
+        features = getattr(self.cfg.model, "features", None)
+        if self.rank0 and isinstance(features, str):
+            msg = P.leak_warning(features, {"test": list(sp.test.ids), "val": list(sp.val.ids)})
+            if msg:
+                log.warning("%s", msg)
+        # rank 0 writes the checkpoints, so only its metadata is kept
+        sha = P.write_ids(self.out / P.TRAIN_IDS, sp.train.ids) if self.rank0 else None
+        return {"split_sha256": P.file_sha256(root / "split.json"), "train_ids_sha256": sha}
+
     def _build_engine(self) -> None:
         import deepspeed
 
