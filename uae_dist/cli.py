@@ -20,6 +20,7 @@ def cmd_data_build(a) -> int:
                        workers=a.workers, limit=a.limit, resume=a.resume, overwrite=a.overwrite,
                        bounds=bounds, fmt=a.format, id_key=a.id_key, cif_key=a.cif_key,
                        fast_cif=not a.no_fast_cif, seed=a.seed, split=a.split,
+                       split_file=a.split_file,
                        commit_every=a.commit_every, progress=not a.quiet)
     except (FileNotFoundError, ValueError, BuildError) as e:
         print(f"uae-dist data build: error: {e}", file=sys.stderr)
@@ -74,6 +75,9 @@ def _add_build_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--split", default=",".join(f"{x:g}" for x in o.split),
                    help="train,val,test fractions (default %(default)s)")
     b.add_argument("--seed", type=int, default=o.seed, help="split seed (default %(default)s)")
+    b.add_argument("--split-file", default=o.split_file, metavar="JSON",
+                   help="use this split instead (train/val/test lists of ids, e.g. a published "
+                        "split or another build's split.json); unlisted records are rejected")
     b.add_argument("--commit-every", type=int, default=r.commit_every,
                    help="records per LMDB transaction (default %(default)s)")
     b.add_argument("-q", "--quiet", action="store_true", default=not r.progress,

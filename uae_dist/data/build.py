@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import layout
+from . import given_split, layout
 from .finalize import finalize, make_split  # noqa: F401 - make_split: public here too
 from .graph import SCHEMA_VERSION
 from .layout import MANIFEST, REJECTS, SPLIT  # noqa: F401 - still importable from here
@@ -74,6 +74,10 @@ def build_lmdb(source, out_dir, **options) -> dict:
     t0 = time.perf_counter()
     opts, run = make_options(**options)
     validate(opts, run)
+    split_sha = None
+    if opts.split_file is not None:  # checked before anything is opened, like every option
+        opts.split_file = str(Path(opts.split_file).resolve())
+        split_sha = given_split.load(opts.split_file)[1]
     out = Path(out_dir)
     check_out_dir(out)
     comm, rank, size = mpi_world() if run.use_mpi else (None, 0, 1)
@@ -85,6 +89,8 @@ def build_lmdb(source, out_dir, **options) -> dict:
     opts.bounds = {k: v for k, v in opts.bounds.items() if k in opts.targets}
     identity = {"schema_version": SCHEMA_VERSION, "source_sha256": src.sha256(),
                 "options": opts.identity()}
+    if split_sha is not None:
+        identity["split_file_sha256"] = split_sha
     if known is not None and identity["source_sha256"] != known.sha256:
         raise BuildError(f"{path}: sha256 {identity['source_sha256']} does not match the "
                          f"published {known.sha256} of {known.filename}; the file is damaged or "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import given_split
 from . import lmdb_store as store
 from .graph import SCHEMA_VERSION
 from .integrity import file_hashes, records_digest
@@ -88,8 +89,14 @@ def finalize(out: Path, src, path: Path, known, identity: dict, opts: BuildOptio
             atoms_per_el[z] = atoms_per_el.get(z, 0) + c
             structs_per_el[z] = structs_per_el.get(z, 0) + 1
     ids = [r[2]["id"] for r in rows]
-    split = make_split(ids, opts.split, opts.seed)
-    split_text = json.dumps({"seed": opts.seed, "fractions": list(opts.split), **split})
+    if opts.split_file:
+        split, given = given_split.apply(given_split.load(opts.split_file)[0], ids)
+        how = {"given": {"file": opts.split_file, "sha256": identity["split_file_sha256"],
+                         **given}}
+    else:
+        split = make_split(ids, opts.split, opts.seed)
+        how = {"seed": opts.seed, "fractions": list(opts.split)}
+    split_text = json.dumps({**how, **split})
     records = {"ids": ids, "source_index": [r[0] for r in rows], "shard": [r[1] for r in rows],
                "natoms": natoms.tolist(), "nedges": nedges.tolist(),
                "y": [[None if not np.isfinite(v) else float(v) for v in row] for row in y]}
@@ -112,8 +119,7 @@ def finalize(out: Path, src, path: Path, known, identity: dict, opts: BuildOptio
                                                 "structures": structs_per_el[z]}
                      for z in sorted(atoms_per_el)},
         "shards": shard_info,
-        "split": {"file": SPLIT, "seed": opts.seed, "fractions": list(opts.split),
-                  "sizes": {k: len(v) for k, v in split.items()}},
+        "split": {"file": SPLIT, **how, "sizes": {k: len(v) for k, v in split.items()}},
         "integrity": {"records_sha256": records_digest(records),
                       "split_sha256": hashlib.sha256(split_text.encode()).hexdigest()},
         "build": {"wall_s": round(wall, 3), "processes": nproc,

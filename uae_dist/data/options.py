@@ -45,6 +45,7 @@ class BuildOptions:
     fast_cif: bool = True
     split: tuple = (0.8, 0.1, 0.1)        # train, val, test fractions
     seed: int = 0                         # split seed
+    split_file: str | None = None         # a given split (JSON train/val/test ids): see given_split
 
     def identity(self) -> dict:
         """What must not change between a partial build and its resumption."""
@@ -72,7 +73,8 @@ class RunOptions:
 FLAGS = {"cutoff": "--cutoff", "max_neighbors": "--max-neighbors", "max_pairs": "--max-pairs",
          "targets": "--targets", "bounds": "--bound", "shards": "--shards", "limit": "--limit",
          "fmt": "--format", "id_key": "--id-key", "cif_key": "--cif-key", "split": "--split",
-         "seed": "--seed", "workers": "--workers", "commit_every": "--commit-every"}
+         "seed": "--seed", "split_file": "--split-file", "workers": "--workers",
+         "commit_every": "--commit-every"}
 
 
 def parse_targets(v) -> list[str] | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import given_split
 from . import lmdb_store as store
 from .crystal import ParseError
 from .graph import GraphOptions, RejectError, build_graph, check_labels, encode_record, \
@@ -36,14 +37,19 @@ def open_source(path, opts: BuildOptions):
                  targets=opts.targets, fast_cif=opts.fast_cif)
 
 
-def process_one(src, k: int, dup_of: dict, opts: BuildOptions, gopts: GraphOptions, nfn):
-    """Source record ``k`` → ('r', blob, summary) or ('x', reject)."""
+def process_one(src, k: int, dup_of: dict, opts: BuildOptions, gopts: GraphOptions, nfn,
+                listed: dict | None = None):
+    """Source record ``k`` → ('r', blob, summary) or ('x', reject). ``listed``: the ids of a
+    given split (``--split-file``); the others are rejected."""
     rec_id = None
     try:
         rec = src.record(k)
         rec_id = rec.id
         if rec.problem is not None:
             raise RejectError(*rec.problem)
+        if listed is not None and rec.id not in listed:
+            raise RejectError("not_in_split", f"id {rec.id!r} is in no part of "
+                                              f"{opts.split_file}")
         if k in dup_of:
             raise RejectError("duplicate_id", f"id {rec.id!r} already used by source record "
                                               f"{dup_of[k]}")
@@ -81,6 +87,7 @@ def build_shard(job: dict, progress=None) -> dict:
     src = open_source(job["source"], opts)
     nfn = neighbor_fn()
     dup_of = {int(k): v for k, v in job["dup_of"].items()}
+    listed = given_split.load(opts.split_file)[0] if opts.split_file else None
     path = out / SHARD_DIR / shard_name(shard, nshards)
     env = store.open_writer(path)
     try:
@@ -101,7 +108,7 @@ def build_shard(job: dict, progress=None) -> dict:
             chunk = todo[c0:c0 + step]
             if progress is not None:
                 progress("chunk", (chunk[0], chunk[-1]))
-            results = [(k, process_one(src, k, dup_of, opts, gopts, nfn)) for k in chunk]
+            results = [(k, process_one(src, k, dup_of, opts, gopts, nfn, listed)) for k in chunk]
             with env.begin(write=True) as txn:
                 for k, res in results:
                     if res[0] == "r":
