@@ -56,15 +56,12 @@ def ensure(ds: Dataset, workers: int = 1) -> str:
 
 
 def _build(ds: Dataset, root: Path, workers: int) -> None:
-    import inspect
-
     from uae_dist.data.build import build_lmdb
 
     kw = dict(ds.build)
     source = kw.pop("source")
     kw.setdefault("workers", max(1, workers))
-    if "use_mpi" in inspect.signature(build_lmdb).parameters:
-        kw["use_mpi"] = False  # one builder process, even inside a Slurm step
+    kw["use_mpi"] = False  # one builder process, even inside a Slurm step
     for k in ("split",):
         if isinstance(kw.get(k), list):
             kw[k] = tuple(kw[k])

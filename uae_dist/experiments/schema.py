@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,9 +151,11 @@ def _build_spec(raw, where: str) -> dict | None:
         return None
     if not isinstance(raw, dict):
         raise _fail(where, f"expected a mapping of build options, got {raw!r}")
-    from uae_dist.data.build import build_lmdb
+    from dataclasses import fields
 
-    params = inspect.signature(build_lmdb).parameters
+    from uae_dist.data.options import BuildOptions, RunOptions
+
+    params = {f.name for cls in (BuildOptions, RunOptions) for f in fields(cls)} | {"source"}
     valid = {p for p in params if p not in BUILD_CONTROLLED}
     spec = _keys(dict(raw), where, {"source"}, valid - {"source"})
     for k in ("source", "targets", "fmt"):
