@@ -8,6 +8,10 @@ loop itself logs (train.csv, first window dropped as warm-up) and prints
 
     scaling efficiency = throughput(2 ranks) / (2 × throughput(1 rank))
 
+and the CPU time of each run (user and kernel, all ranks). ``--uncapped`` adds the same runs with
+``ds.cap_buckets=false`` (DeepSpeed's 5e7-element ZeRO buckets, the setting before issue 14) as
+the same-run reference of the step's kernel time.
+
     .venv/bin/python benchmarks/pretrain_throughput.py --data data_build/mp [--steps 60]
 
 Not a test: numbers depend on the machine and on whatever else runs on it.
@@ -18,6 +22,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -41,7 +46,7 @@ def port() -> int:
 def measure(data, variant, ranks, steps, max_atoms, extra, gpu=False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        args = ["launch/train.py", "--config", "configs/pretrain.yaml", f"data.root={data}", f"train.out_dir={out}",
+        args = ["launch/train.py", "--config", "pretrain", f"data.root={data}", f"train.out_dir={out}",
                 f"model.variant={variant}", *VARIANT_OVERRIDES.get(variant, []), f"train.max_steps={steps}", "train.log_every=10", "train.resume=null",
                 "train.ckpt_every_steps=null", "train.progress=false", "train.tensorboard=false",
                 "export.after_train=false", "data.val_limit=64", f"data.max_atoms={max_atoms}", "optim.warmup_steps=5",
@@ -51,7 +56,9 @@ def measure(data, variant, ranks, steps, max_atoms, extra, gpu=False) -> dict:
             env["DS_ACCELERATOR"] = "cpu"
             env["CUDA_VISIBLE_DEVICES"] = ""
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(port()), *args]
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
         with open(out / "train.csv") as fh:
@@ -59,7 +66,9 @@ def measure(data, variant, ranks, steps, max_atoms, extra, gpu=False) -> dict:
         s = [float(r["structures_per_s"]) for r in rows[1:]] or [float(rows[0]["structures_per_s"])]
         a = [float(r["atoms_per_s"]) for r in rows[1:]] or [float(rows[0]["atoms_per_s"])]
         return {"variant": variant, "ranks": ranks, "device": "cuda" if gpu else "cpu",
-                "structures_per_s": statistics.median(s), "atoms_per_s": statistics.median(a)}
+                "structures_per_s": statistics.median(s), "atoms_per_s": statistics.median(a),
+                "extra": list(extra), "user_s": r1.ru_utime - r0.ru_utime,
+                "sys_s": r1.ru_stime - r0.ru_stime}
 
 
 def main() -> int:
@@ -69,6 +78,8 @@ def main() -> int:
     ap.add_argument("--max-atoms", type=int, default=256, help="atoms per batch per rank")
     ap.add_argument("--variants", default="periodic,paper")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--uncapped", action="store_true",
+                    help="also measure with ds.cap_buckets=false (the reference for kernel time)")
     ap.add_argument("overrides", nargs="*", help="extra config overrides, e.g. model.layers=8")
     a = ap.parse_args()
     import torch
@@ -76,22 +87,37 @@ def main() -> int:
     results = []
     for v in a.variants.split(","):
         for r in (1, 2):
-            results.append(measure(a.data, v, r, a.steps, a.max_atoms, a.overrides))
-            print(f"{v:9s} {r} CPU rank(s): {results[-1]['structures_per_s']:8.1f} structures/s "
-                  f"{results[-1]['atoms_per_s']:9.0f} atoms/s", flush=True)
+            for extra in ([[], ["ds.cap_buckets=false"]] if a.uncapped else [[]]):
+                results.append(measure(a.data, v, r, a.steps, a.max_atoms, a.overrides + extra))
+                x = results[-1]
+                print(f"{v:9s} {r} CPU rank(s){' uncapped' if extra else ''}: "
+                      f"{x['structures_per_s']:8.1f} structures/s {x['atoms_per_s']:9.0f} atoms/s"
+                      f"  user {x['user_s']:6.1f} s  sys {x['sys_s']:6.1f} s "
+                      f"({x['sys_s'] / max(1e-9, x['user_s'] + x['sys_s']):.0%} kernel)",
+                      flush=True)
         if torch.cuda.is_available():
             results.append(measure(a.data, v, 1, a.steps, a.max_atoms, a.overrides, gpu=True))
             print(f"{v:9s} 1 GPU       : {results[-1]['structures_per_s']:8.1f} structures/s", flush=True)
     print("\nvariant    1 rank   2 ranks   speed-up  efficiency" + ("   GPU/1 CPU rank" if torch.cuda.is_available() else ""))
     for v in a.variants.split(","):
-        one = next(x for x in results if x["variant"] == v and x["ranks"] == 1 and x["device"] == "cpu")
-        two = next(x for x in results if x["variant"] == v and x["ranks"] == 2)
+        mine = [x for x in results if x["variant"] == v and x["device"] == "cpu"
+                and "ds.cap_buckets=false" not in x["extra"]]
+        one = next(x for x in mine if x["ranks"] == 1)
+        two = next(x for x in mine if x["ranks"] == 2)
         sp = two["structures_per_s"] / one["structures_per_s"]
         line = f"{v:9s} {one['structures_per_s']:7.1f} {two['structures_per_s']:9.1f} {sp:9.2f}x {sp / 2:10.0%}"
         gpu = [x for x in results if x["variant"] == v and x["device"] == "cuda"]
         if gpu:
             line += f"   {gpu[0]['structures_per_s'] / one['structures_per_s']:10.1f}x"
         print(line)
+        for r in (1, 2):
+            ref = [x for x in results if x["variant"] == v and x["ranks"] == r
+                   and "ds.cap_buckets=false" in x["extra"]]
+            new = next(x for x in mine if x["ranks"] == r)
+            if ref:
+                print(f"{v:9s} {r} rank(s): capped / uncapped buckets = "
+                      f"{new['structures_per_s'] / ref[0]['structures_per_s']:.2f}x structures/s,"
+                      f" kernel time {new['sys_s']:.1f} s vs {ref[0]['sys_s']:.1f} s")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return 0

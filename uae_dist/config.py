@@ -98,6 +98,7 @@ class DSConfig:
     zero_stage: int | None = None       # override zero_optimization.stage (0, 1, 2)
     precision: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     backend: str = "auto"               # auto (nccl on GPU, gloo on CPU) | gloo | nccl | mpi
+    cap_buckets: bool = True            # ZeRO buckets no larger than the model (optim.cap_buckets)
 
 
 @dataclass

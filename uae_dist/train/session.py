@@ -151,7 +151,8 @@ class Session:
         groups = param_groups(model, cfg.optim.weight_decay)
         self.lp_groups = [list(g["params"]) for g in groups]
         self.optimizer = make_optimizer(groups, cfg.optim)
-        self.ds_config = ds_config(cfg, self.info.world_size, on_gpu)
+        self.ds_config = ds_config(cfg, self.info.world_size, on_gpu,
+                                   sum(p.numel() for p in model.parameters()))
         args = SimpleNamespace(device_rank=self.info.device_index) if on_gpu else None
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
                                                     config=self.ds_config, args=args,
