@@ -103,7 +103,8 @@ def test_reexport_leaves_no_stale_files_and_refuses_foreign_dirs(run, tmp_path):
     ex.export(run, out)
     assert (out / "uae.safetensors").exists()
     ex.export(run, out, formats=["json"])
-    assert sorted(p.name for p in out.iterdir()) == ["embedding.json", "model_card.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["embedding.json", "model_card.json",
+                                                    "pretrain_train_ids.txt"]
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

@@ -92,7 +92,7 @@ def cap_buckets(d: dict, n_params: int) -> None:
     z = d.get("zero_optimization")
     if not z or not z.get("stage"):
         return
-    cap = max(int(n_params), 1)
+    cap = -(-max(int(n_params), 1) // 1024) * 1024  # DeepSpeed wants even sizes (NCCL alignment)
     for k in ("reduce_bucket_size", "allgather_bucket_size"):
         z[k] = min(int(z.get(k, 5 * 10**8)), cap)
 
