@@ -1,11 +1,10 @@
-"""A whole batch of graph records in one pass: decode, check, narrow and collate.
+"""A whole batch of graph records in one pass: decode, check, concatenate, narrow.
 
 ``CrystalGraphDataset.__getitems__`` reads a batch's records (one LMDB transaction per shard) and
 hands their blobs here. Each record's safetensors header is parsed once and its arrays are NumPy
 views of the blob (no copies, no per-record int64 expansion); the batch is then concatenated once
-per field, straight into the dtypes the models take, with edge indices offset, and returned as a
-``torch_geometric.data.Batch`` identical (fields, dtypes, values, order, ``batch``/``ptr``, slice
-and increment dicts) to ``Batch.from_data_list`` of the per-item ``Data``.
+per field, with edge indices offset, narrowed as a whole, and made into the Batch that
+``Batch.from_data_list`` makes of the per-item ``Data`` (:mod:`.collated`).
 
 Integrity: a record is taken on the fast path only if its header, sizes, id, labels, finiteness and
 index ranges pass vectorised checks that are *stricter* than :func:`~.integrity.check_record`. A
@@ -18,8 +17,6 @@ import json
 import math
 
 import numpy as np
-import torch
-from torch_geometric.data import Batch, Data
 
 from .graph import MAX_Z
 from ..ops.neighbors_ref import cap_mask
@@ -116,46 +113,4 @@ def narrow(a: dict, cutoff: float | None, max_neighbors: int | None) -> dict:
     out = dict(a)
     out.update(i=i[keep], j=j[keep], shift=shift[keep],
                nedges=np.bincount(graph_e[keep], minlength=len(nedges)))
-    return out
-
-
-def to_batch(a: dict, ids: list, idx, dtype: torch.dtype) -> Batch:
-    """The ``Batch`` that ``Batch.from_data_list`` makes of the per-item ``Data`` of ``a``.
-
-    Index arithmetic and copies are NumPy's: torch spreads ops over ~32k elements across its
-    intra-op threads, and on a loaded machine (the other cores busy with loader workers or
-    training) each such op waits milliseconds for a thread instead of taking microseconds."""
-    natoms, nedges = a["natoms"], a["nedges"]
-    nb = len(natoms)
-    t = torch.from_numpy
-    edge_index = np.empty((2, len(a["i"])), dtype=np.int64)
-    edge_index[0], edge_index[1] = a["i"], a["j"]
-    ptr = np.zeros(nb + 1, dtype=np.int64)
-    np.cumsum(natoms, out=ptr[1:])
-    ecum = np.zeros(nb + 1, dtype=np.int64)
-    np.cumsum(nedges, out=ecum[1:])
-    # in Data's own order (edge_index, y, pos first), which Batch.from_data_list keeps
-    fields = {
-        "edge_index": t(edge_index), "y": t(a["y"]).to(dtype), "pos": t(a["pos"]).to(dtype),
-        "z": t(a["z"]), "frac": t(a["frac"]).to(dtype), "cell": t(a["cell"]).to(dtype),
-        "pbc": t(a["pbc"]), "shift": t(a["shift"]), "natoms": t(natoms.astype(np.int64)),
-        "idx": t(np.asarray(idx, dtype=np.int64)), "id": list(ids),
-    }
-    out = Batch(_base_cls=Data)
-    store = out._store
-    for k, v in fields.items():
-        store[k] = v
-    store._num_nodes = natoms.tolist()
-    store.num_nodes = int(ptr[-1])
-    store.batch = t(np.repeat(np.arange(nb, dtype=np.int64), natoms))
-    store.ptr = t(ptr)
-    # one tensor per kind, shared between keys: fewer tensors to pass from a loader worker
-    per_atom, per_edge, per_graph = store.ptr, t(ecum), torch.arange(nb + 1)
-    zeros, inc = torch.zeros(nb, dtype=torch.long), t(ptr[:-1])
-    out._slice_dict = {k: (per_atom if k in ("z", "pos", "frac") else
-                           per_edge if k in ("edge_index", "shift") else per_graph)
-                       for k in fields}
-    out._inc_dict = {k: (inc if k == "edge_index" else None if k == "id" else zeros)
-                     for k in fields}
-    out._num_graphs = nb
     return out

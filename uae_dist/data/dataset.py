@@ -23,7 +23,8 @@ import torch
 from torch_geometric.data import Batch, Data
 
 from . import lmdb_store as store
-from .batched import Slow, assemble, narrow, parse, to_batch
+from .batched import Slow, assemble, narrow, parse
+from .collated import Packed, to_batch
 from .graph import SCHEMA_VERSION, decode_record
 from .integrity import DataError, check_manifest_records, check_record, check_shard_file, \
     check_split, rebuild_hint
@@ -218,7 +219,10 @@ class CrystalGraphDataset(torch.utils.data.Dataset):
 
 def collate(items: list) -> Batch:
     """A list of ``Data`` (per-item fetch) or ``__getitems__``'s one-element list of a ready
-    ``Batch``."""
+    ``Batch`` (in a DataLoader worker: its :class:`~.collated.Packed` form)."""
     if len(items) == 1 and isinstance(items[0], Batch):
         return items[0]
+    if len(items) == 1 and isinstance(items[0], Packed):  # from a worker's __getitems__
+        # sent as is from a worker (it unpickles as the Batch), unpacked anywhere else
+        return items[0] if torch.utils.data.get_worker_info() is not None else items[0].batch()
     return Batch.from_data_list(items)
