@@ -94,23 +94,32 @@ def assemble(recs: list[dict], natoms: np.ndarray, nedges: np.ndarray, y_want: n
             "i": i, "j": j, "shift": shift, "natoms": natoms, "nedges": nedges}
 
 
+def _rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``a[idx]`` for a C-contiguous 2-D array, as one 1-D gather of whole rows (NumPy's 2-D
+    fancy indexing is ~5x slower)."""
+    return a.view(np.dtype((np.void, a.shape[1] * a.itemsize))).ravel()[idx] \
+        .view(a.dtype).reshape(-1, a.shape[1])
+
+
 def narrow(a: dict, cutoff: float | None, max_neighbors: int | None) -> dict:
     """Keep the edges within ``cutoff`` and then the ``max_neighbors`` nearest of each centre,
     for a whole batch at once (``i``/``j`` global, edges graph-major). The per-item path calls
-    this too (a batch of one), so both give the same edges to the last bit."""
+    this too (a batch of one): the arithmetic is elementwise, so both give the same edges."""
     i, j, shift, nedges = a["i"], a["j"], a["shift"], a["nedges"]
-    pos = a["pos"]
-    cell_e = np.repeat(a["cell"], nedges, axis=0)  # (E, 3, 3): each edge's cell
-    s = shift.astype(np.float64)
-    # shift @ cell, spelled out: no BLAS call (its threads spin against the loader workers)
-    vec = pos[j] + (s[:, 0, None] * cell_e[:, 0] + s[:, 1, None] * cell_e[:, 1]
-                    + s[:, 2, None] * cell_e[:, 2]) - pos[i]
-    d = np.sqrt(vec[:, 0] * vec[:, 0] + vec[:, 1] * vec[:, 1] + vec[:, 2] * vec[:, 2])
+    pt = np.ascontiguousarray(a["pos"].T)  # (3, N): 1-D gathers per component
+    st = shift.T.astype(np.float64)  # (3, E)
+    ce = np.repeat(a["cell"].reshape(-1, 9).T, nedges, axis=1)  # (9, E): cell[k, c] at 3k + c
+    d2 = None
+    for c in range(3):  # pos[j] + shift @ cell - pos[i], spelled out (no BLAS threads)
+        v = pt[c][j] + (st[0] * ce[c] + st[1] * ce[3 + c] + st[2] * ce[6 + c]) - pt[c][i]
+        d2 = v * v if d2 is None else d2 + v * v
+    d = np.sqrt(d2)
     keep = np.ones(len(d), dtype=bool) if cutoff is None else d <= cutoff
     if max_neighbors is not None:
         keep[keep] = cap_mask(i[keep], d[keep], max_neighbors)
-    graph_e = np.repeat(np.arange(len(nedges)), nedges)
+    idx = np.flatnonzero(keep)
+    ecum = np.concatenate([[0], np.cumsum(nedges)])
     out = dict(a)
-    out.update(i=i[keep], j=j[keep], shift=shift[keep],
-               nedges=np.bincount(graph_e[keep], minlength=len(nedges)))
+    out.update(i=i[idx], j=j[idx], shift=_rows(np.ascontiguousarray(shift), idx),
+               nedges=np.diff(np.searchsorted(idx, ecum)))  # kept edges of each graph
     return out
