@@ -80,7 +80,8 @@ def bench(root, split, cutoff, max_neighbors, max_atoms, n_batches, repeat):
           f"torch threads {threads}")
     rows = [("pyg_mem", "(a) in-memory Data, PyG DataLoader (Batch.from_data_list)"),
             ("pyg_mem_1t", "(a') the same, 1 torch thread"),
-            ("old0", "(b) old per-item path, 0 workers"), ("old2", "(b) old per-item path, 2 workers"),
+            ("old0", "(b) old per-item path, 0 workers"),
+            ("old2", "(b) old per-item path, 2 workers"),
             ("new0", "(c) batched path, 0 workers"), ("new2", "(c) batched path, 2 workers")]
     for k, label in rows:
         print(f"  {label:<60} {r[k]:9.0f} graphs/s")
