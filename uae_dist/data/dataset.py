@@ -9,6 +9,10 @@ digest, split.json (a partition of the records, the file the build wrote) and ev
 and xxh3 hash (``check="size"``: sizes only, for data sets too large to hash at every start); at
 every record read, the shard's size (so a shard truncated under a running job is an error, not
 SIGBUS) and the decoded record against the manifest (id, sizes, labels, finite geometry).
+
+A DataLoader fetches a whole batch through ``__getitems__`` (:mod:`.batched`): one transaction
+per shard, one pass over the batch, the same checks and messages, and the Batch that
+``collate`` of the per-item ``Data`` would make, ready made.
 """
 from __future__ import annotations
 
