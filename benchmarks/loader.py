@@ -1,4 +1,13 @@
-"""Graphs/s through a DataLoader with 0 and 2 workers (atom-capped batches), in one run.
+"""Graphs/s of the loaders on the same atom-capped batches, in one run (ratios are what to read on
+a shared machine):
+
+  (a) reference: PyG's ``torch_geometric.loader.DataLoader`` collating (``Batch.from_data_list``)
+      the same graphs already held in memory as ``Data``;
+  (b) the old per-item path (``ds[k]`` per graph, then ``Batch.from_data_list``), 0 and 2 workers;
+  (c) the batched path (``CrystalGraphDataset.__getitems__``), 0 and 2 workers;
+
+at the data set's cutoff and narrowed at load time (``--cutoff``; default: both 8 Å as built
+and 4 Å), each the best of ``--repeat`` passes.
 
     python benchmarks/loader.py data_build/mp --batches 200
 """
@@ -7,23 +16,84 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 
-def run(ds, sampler, workers, batches):
-    from uae_dist.data import collate
+class PerItem(torch.utils.data.Dataset):
+    """The dataset without its batched fetch: the DataLoader falls back to ``ds[k]`` per item."""
 
-    dl = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                                     persistent_workers=False)
-    it = iter(dl)
-    next(it)  # worker start-up is not throughput
-    t = time.perf_counter()
-    graphs = 0
-    for k, b in enumerate(it):
-        graphs += b.num_graphs
-        if k + 1 >= batches:
-            break
-    return graphs / (time.perf_counter() - t)
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, k):
+        return self.ds[k]
+
+
+def rate(make_loader, repeat: int) -> float:
+    """Best graphs/s over ``repeat`` passes; the first batch (worker start-up) is not timed."""
+    best = 0.0
+    for _ in range(repeat):
+        it = iter(make_loader())
+        next(it)
+        t, graphs = time.perf_counter(), 0
+        for b in it:
+            graphs += b.num_graphs
+        best = max(best, graphs / (time.perf_counter() - t))
+        del it
+    return best
+
+
+def bench(root, split, cutoff, max_neighbors, max_atoms, n_batches, repeat):
+    from torch_geometric.loader import DataLoader as PygLoader
+
+    from uae_dist.data import CrystalGraphDataset, DistributedAtomBatchSampler, collate
+
+    ds = CrystalGraphDataset(root, split=split, cutoff=cutoff, max_neighbors=max_neighbors)
+    batches = list(DistributedAtomBatchSampler(ds.natoms, max_atoms, seed=0))[:n_batches]
+    flat = [k for b in batches for k in b]
+    mem = [ds[k] for k in flat]  # the same graphs, in memory, in batch order
+    starts = np.cumsum([0] + [len(b) for b in batches]).tolist()
+    mem_batches = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
+    edges = sum(g.edge_index.shape[1] for g in mem) / len(mem)
+    built = float(ds.manifest["options"]["cutoff"])
+
+    def loader(dataset, w):
+        return lambda: torch.utils.data.DataLoader(dataset, batch_sampler=batches,
+                                                   collate_fn=collate, num_workers=w)
+
+    r = {"pyg_mem": rate(lambda: PygLoader(mem, batch_sampler=mem_batches), repeat)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    r["pyg_mem_1t"] = rate(lambda: PygLoader(mem, batch_sampler=mem_batches), repeat)
+    torch.set_num_threads(threads)
+    del mem
+    for w in (0, 2):
+        r[f"old{w}"] = rate(loader(PerItem(ds), w), repeat)
+        r[f"new{w}"] = rate(loader(ds, w), repeat)
+    name = f"{cutoff or built:g}A" + (f"/cap{max_neighbors}" if max_neighbors else "")
+    print(f"{name}: {len(batches)} batches of <= {max_atoms} atoms, {len(flat)} graphs, "
+          f"{ds.natoms[flat].mean():.1f} atoms and {edges:.0f} edges per graph; "
+          f"torch threads {threads}")
+    rows = [("pyg_mem", "(a) in-memory Data, PyG DataLoader (Batch.from_data_list)"),
+            ("pyg_mem_1t", "(a') the same, 1 torch thread"),
+            ("old0", "(b) old per-item path, 0 workers"),
+            ("old2", "(b) old per-item path, 2 workers"),
+            ("new0", "(c) batched path, 0 workers"), ("new2", "(c) batched path, 2 workers")]
+    for k, label in rows:
+        print(f"  {label:<60} {r[k]:9.0f} graphs/s")
+    new = max(r["new0"], r["new2"])
+    print(f"  ratios: new0/in-memory PyG {r['new0'] / r['pyg_mem']:.2f} "
+          f"(vs 1 thread {r['new0'] / r['pyg_mem_1t']:.2f}), best new/in-memory PyG "
+          f"{new / r['pyg_mem']:.2f}, new0/old0 {r['new0'] / r['old0']:.2f}, "
+          f"new2/old2 {r['new2'] / r['old2']:.2f}, new 2 workers/0 workers "
+          f"{r['new2'] / r['new0']:.2f} (old {r['old2'] / r['old0']:.2f})")
+    return (f"{name}: new {r['new0']:.0f} g/s (0w) {r['new2']:.0f} (2w) = "
+            f"{r['new0'] / r['pyg_mem']:.1f}x in-memory PyG, {r['new0'] / r['old0']:.1f}x old; "
+            f"2w/0w {r['new2'] / r['new0']:.2f} (old {r['old2'] / r['old0']:.2f})")
 
 
 def main():
@@ -32,17 +102,16 @@ def main():
     ap.add_argument("--split", default="train")
     ap.add_argument("--max-atoms", type=int, default=512)
     ap.add_argument("--batches", type=int, default=150)
-    ap.add_argument("--cutoff", type=float, default=None, help="narrow graphs at load time (Å)")
+    ap.add_argument("--repeat", type=int, default=2, help="passes per loader (best is kept)")
+    ap.add_argument("--cutoff", type=float, default=None,
+                    help="narrow graphs at load time (Å); default: as built and 4 Å")
+    ap.add_argument("--max-neighbors", type=int, default=None)
     a = ap.parse_args()
-    from uae_dist.data import CrystalGraphDataset, DistributedAtomBatchSampler
-
-    ds = CrystalGraphDataset(a.root, split=a.split, cutoff=a.cutoff)
-    rates = {}
-    for w in (0, 2):
-        s = DistributedAtomBatchSampler(ds.natoms, a.max_atoms, seed=w)
-        rates[w] = run(ds, s, w, a.batches)
-        print(f"workers={w}: {rates[w]:8.1f} graphs/s")
-    print(f"ratio 2 workers / 0 workers = {rates[2] / rates[0]:.2f}")
+    settings = [(a.cutoff, a.max_neighbors)] if a.cutoff or a.max_neighbors \
+        else [(None, None), (4.0, None)]
+    summary = [bench(a.root, a.split, c, m, a.max_atoms, a.batches, a.repeat)
+               for c, m in settings]
+    print("SUMMARY " + " | ".join(summary))
 
 
 if __name__ == "__main__":

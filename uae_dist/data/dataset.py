@@ -9,6 +9,10 @@ digest, split.json (a partition of the records, the file the build wrote) and ev
 and xxh3 hash (``check="size"``: sizes only, for data sets too large to hash at every start); at
 every record read, the shard's size (so a shard truncated under a running job is an error, not
 SIGBUS) and the decoded record against the manifest (id, sizes, labels, finite geometry).
+
+A DataLoader fetches a whole batch through ``__getitems__`` (:mod:`.batched`): one transaction
+per shard, one pass over the batch, the same checks and messages, and the Batch that
+``collate`` of the per-item ``Data`` would make, ready made.
 """
 from __future__ import annotations
 
@@ -23,11 +27,12 @@ import torch
 from torch_geometric.data import Batch, Data
 
 from . import lmdb_store as store
+from .batched import Slow, assemble, narrow, parse
+from .collated import Packed, to_batch
 from .graph import SCHEMA_VERSION, decode_record
 from .integrity import DataError, check_manifest_records, check_record, check_shard_file, \
     check_split, rebuild_hint
 from .layout import MANIFEST, SPLIT
-from ..ops.neighbors_ref import cap_mask
 
 
 def load_manifest(root) -> tuple[dict, str]:
@@ -116,25 +121,30 @@ class CrystalGraphDataset(torch.utils.data.Dataset):
         shard = bisect.bisect_right(self._cum, flat) - 1
         return shard, int(self._keys[flat])
 
-    def raw(self, k: int) -> dict:
-        """Decoded arrays of item ``k`` (NumPy, no torch)."""
+    def _index(self, k) -> int:
+        k = int(k)
         if k < 0:
             k += len(self)
         if not 0 <= k < len(self):
             raise IndexError(k)
-        shard, key = self.locate(k)
+        return k
+
+    def _shard_env(self, shard: int):
         path, size = self._shard_files[shard], self._shard_bytes[shard]
         # a shard truncated while mapped would SIGBUS on the next page read: one stat first
         if os.stat(path).st_size != size:
             raise DataError(f"{path}: changed size since the data set was opened (truncated or "
                             f"rewritten under a running job); {rebuild_hint(self.root)}")
-        env = store.open_reader(path, size)
-        with env.begin(buffers=True) as txn:
-            blob = txn.get(store.rkey("r", key))
-            if blob is None:
-                raise DataError(f"record {self.ids[k]!r} (key {key}) missing from {path}; "
-                                f"{rebuild_hint(self.root)}")
-            blob = bytes(blob)
+        return store.open_reader(path, size), path
+
+    def _get(self, txn, k: int, key: int, path) -> bytes:
+        blob = txn.get(store.rkey("r", key))
+        if blob is None:
+            raise DataError(f"record {self.ids[k]!r} (key {key}) missing from {path}; "
+                            f"{rebuild_hint(self.root)}")
+        return bytes(blob)
+
+    def _decode(self, blob: bytes, k: int, path) -> dict:
         try:
             r = decode_record(blob)
         except Exception as e:  # noqa: BLE001 - any decode failure is damage
@@ -146,18 +156,27 @@ class CrystalGraphDataset(torch.utils.data.Dataset):
             r = self._narrow(r)
         return r
 
+    def raw(self, k: int) -> dict:
+        """Decoded arrays of item ``k`` (NumPy, no torch)."""
+        k = self._index(k)
+        shard, key = self.locate(k)
+        env, path = self._shard_env(shard)
+        with env.begin(buffers=True) as txn:
+            blob = self._get(txn, k, key, path)
+        return self._decode(blob, k, path)
+
     def _narrow(self, r: dict) -> dict:
-        vec = r["pos"][r["j"]] + r["shift"] @ r["cell"] - r["pos"][r["i"]]
-        d = np.sqrt(np.einsum("ij,ij->i", vec, vec))
-        keep = np.ones(len(d), dtype=bool) if self.cutoff is None else d <= self.cutoff
-        if self.max_neighbors is not None:
-            keep[keep] = cap_mask(r["i"][keep], d[keep], self.max_neighbors)
-        for f in ("i", "j", "shift"):
-            r[f] = r[f][keep]
+        # the batched path's narrowing on a batch of one: both give the same edges
+        a = narrow({"pos": r["pos"], "cell": r["cell"][None], "i": r["i"], "j": r["j"],
+                    "shift": r["shift"], "nedges": np.array([len(r["j"])])},
+                   self.cutoff, self.max_neighbors)
+        r.update(i=a["i"], j=a["j"], shift=a["shift"])
         return r
 
     def __getitem__(self, k: int) -> Data:
-        r = self.raw(k)
+        return self._data(self.raw(k), k)
+
+    def _data(self, r: dict, k: int) -> Data:
         f = self.dtype
         return Data(
             z=torch.from_numpy(r["z"]),
@@ -174,6 +193,40 @@ class CrystalGraphDataset(torch.utils.data.Dataset):
             num_nodes=len(r["z"]),
         )
 
+    def __getitems__(self, indices) -> list:
+        """The batch ``indices`` as a one-element list holding its ``Batch`` (what
+        ``Batch.from_data_list([self[k] for k in indices])`` gives, at a fraction of the cost):
+        torch's DataLoader calls this with a whole batch and hands the list to ``collate``."""
+        ks = [self._index(k) for k in indices]
+        flat = self._flat[ks]
+        shards = np.searchsorted(self._cum, flat, side="right") - 1
+        keys = self._keys[flat].tolist()
+        blobs, paths = [None] * len(ks), [None] * len(ks)
+        for shard in np.unique(shards).tolist():  # one transaction per shard
+            env, path = self._shard_env(shard)
+            with env.begin() as txn:
+                for p in np.flatnonzero(shards == shard).tolist():
+                    blobs[p], paths[p] = self._get(txn, ks[p], keys[p], path), path
+        natoms, nedges = self.natoms[ks], self.nedges[ks]
+        t = len(self.target_names)
+        try:
+            recs = [parse(b, self.ids[k], n, e, t)
+                    for b, k, n, e in zip(blobs, ks, natoms.tolist(), nedges.tolist())]
+            a = assemble(recs, natoms, nedges, self._y[ks])
+        except Slow:  # a damaged or unusual record: the per-item path checks and raises
+            return [Batch.from_data_list([self._data(self._decode(b, k, p), i)
+                                          for b, k, p, i in zip(blobs, ks, paths, indices)])]
+        if self.cutoff is not None or self.max_neighbors is not None:
+            a = narrow(a, self.cutoff, self.max_neighbors)
+        return [to_batch(a, [self.ids[k] for k in ks], indices, self.dtype)]
 
-def collate(items: list[Data]) -> Batch:
+
+def collate(items: list) -> Batch:
+    """A list of ``Data`` (per-item fetch) or ``__getitems__``'s one-element list of a ready
+    ``Batch`` (in a DataLoader worker: its :class:`~.collated.Packed` form)."""
+    if len(items) == 1 and isinstance(items[0], Batch):
+        return items[0]
+    if len(items) == 1 and isinstance(items[0], Packed):  # from a worker's __getitems__
+        # sent as is from a worker (it unpickles as the Batch), unpacked anywhere else
+        return items[0] if torch.utils.data.get_worker_info() is not None else items[0].batch()
     return Batch.from_data_list(items)

@@ -30,6 +30,11 @@ class Head(torch.utils.data.Dataset):
     def __getitem__(self, k):
         return self.ds[k]
 
+    def __getitems__(self, ks):
+        # the dataset's batched fetch (one ready Batch), else the DataLoader's per-item fallback
+        fetch = getattr(self.ds, "__getitems__", None)
+        return fetch(ks) if fetch is not None else [self.ds[k] for k in ks]
+
     def targets_array(self):
         return self.ds.targets_array()[: self.n]
 
