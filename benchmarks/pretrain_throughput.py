@@ -8,9 +8,9 @@ loop itself logs (train.csv, first window dropped as warm-up) and prints
 
     scaling efficiency = throughput(2 ranks) / (2 × throughput(1 rank))
 
-and the CPU time of each run (user and kernel, all ranks). ``--uncapped`` adds the same runs with
-``ds.cap_buckets=false`` (DeepSpeed's 5e7-element ZeRO buckets, the setting before issue 14) as
-the same-run reference of the step's kernel time.
+and the CPU time of each run (user and kernel, all ranks). ``--reference "k=v …"`` (repeatable)
+adds the same runs with those overrides as same-run references; ``--uncapped`` is
+``--reference ds.cap_buckets=false`` (DeepSpeed's 5e7-element ZeRO buckets, as before issue 14).
 
     .venv/bin/python benchmarks/pretrain_throughput.py --data data_build/mp [--steps 60]
 
@@ -80,28 +80,32 @@ def main() -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--uncapped", action="store_true",
                     help="also measure with ds.cap_buckets=false (the reference for kernel time)")
+    ap.add_argument("--reference", action="append", default=[], metavar='"K=V …"',
+                    help="also measure with these overrides (repeatable)")
     ap.add_argument("overrides", nargs="*", help="extra config overrides, e.g. model.layers=8")
     a = ap.parse_args()
     import torch
 
+    refs = ([["ds.cap_buckets=false"]] if a.uncapped else []) + [r.split() for r in a.reference]
     results = []
     for v in a.variants.split(","):
         for r in (1, 2):
-            for extra in ([[], ["ds.cap_buckets=false"]] if a.uncapped else [[]]):
-                results.append(measure(a.data, v, r, a.steps, a.max_atoms, a.overrides + extra))
+            for ref in [[]] + refs:
+                results.append(measure(a.data, v, r, a.steps, a.max_atoms, a.overrides + ref))
                 x = results[-1]
-                print(f"{v:9s} {r} CPU rank(s){' uncapped' if extra else ''}: "
+                x["ref"] = " ".join(ref)
+                print(f"{v:9s} {r} CPU rank(s){' ' + x['ref'] if ref else ''}: "
                       f"{x['structures_per_s']:8.1f} structures/s {x['atoms_per_s']:9.0f} atoms/s"
                       f"  user {x['user_s']:6.1f} s  sys {x['sys_s']:6.1f} s "
                       f"({x['sys_s'] / max(1e-9, x['user_s'] + x['sys_s']):.0%} kernel)",
                       flush=True)
         if torch.cuda.is_available():
             results.append(measure(a.data, v, 1, a.steps, a.max_atoms, a.overrides, gpu=True))
+            results[-1]["ref"] = ""
             print(f"{v:9s} 1 GPU       : {results[-1]['structures_per_s']:8.1f} structures/s", flush=True)
     print("\nvariant    1 rank   2 ranks   speed-up  efficiency" + ("   GPU/1 CPU rank" if torch.cuda.is_available() else ""))
     for v in a.variants.split(","):
-        mine = [x for x in results if x["variant"] == v and x["device"] == "cpu"
-                and "ds.cap_buckets=false" not in x["extra"]]
+        mine = [x for x in results if x["variant"] == v and x["device"] == "cpu" and not x["ref"]]
         one = next(x for x in mine if x["ranks"] == 1)
         two = next(x for x in mine if x["ranks"] == 2)
         sp = two["structures_per_s"] / one["structures_per_s"]
@@ -110,14 +114,14 @@ def main() -> int:
         if gpu:
             line += f"   {gpu[0]['structures_per_s'] / one['structures_per_s']:10.1f}x"
         print(line)
-        for r in (1, 2):
-            ref = [x for x in results if x["variant"] == v and x["ranks"] == r
-                   and "ds.cap_buckets=false" in x["extra"]]
-            new = next(x for x in mine if x["ranks"] == r)
-            if ref:
-                print(f"{v:9s} {r} rank(s): capped / uncapped buckets = "
-                      f"{new['structures_per_s'] / ref[0]['structures_per_s']:.2f}x structures/s,"
-                      f" kernel time {new['sys_s']:.1f} s vs {ref[0]['sys_s']:.1f} s")
+        for ref in refs:
+            for r in (1, 2):
+                old = next(x for x in results if x["variant"] == v and x["ranks"] == r
+                           and x["ref"] == " ".join(ref))
+                new = next(x for x in mine if x["ranks"] == r)
+                print(f"{v:9s} {r} rank(s): default / [{' '.join(ref)}] = "
+                      f"{new['structures_per_s'] / old['structures_per_s']:.2f}x structures/s, "
+                      f"kernel time {new['sys_s']:.1f} s vs {old['sys_s']:.1f} s")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return 0
