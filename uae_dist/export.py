@@ -24,7 +24,6 @@ and swapped in, so no file of an earlier export survives into this one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from uae_dist.data.lmdb_store import file_sha256
 from uae_dist.elements import N_ELEMENTS, SYMBOLS
 
 log = logging.getLogger("uae_dist.export")
@@ -44,14 +44,6 @@ FILES = {"safetensors": "uae.safetensors", "npz": "uae.npz", "atom_init": "atom_
          "json": "embedding.json", "csv": "embedding.csv"}
 CARD = "model_card.json"
 CARD_FORMAT = "uae-dist UAE export"
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def embedding_from_checkpoint(path) -> tuple[np.ndarray, dict]:
@@ -163,10 +155,10 @@ def export(checkpoint, out_dir, formats=None, include_unseen: bool = False) -> d
 def _copy_train_ids(ck_dir: Path, meta: dict, out: Path) -> dict | None:
     """The run's training ids (``<run>/train_ids.txt``, checked against the checkpoint's hash)
     → ``out``; what the model card says of them, or None when the run did not record them."""
-    from .train.provenance import EXPORTED_IDS, TRAIN_IDS, file_sha256 as sha
+    from .train.provenance import EXPORTED_IDS, TRAIN_IDS
 
     src, want = ck_dir.parent.parent / TRAIN_IDS, meta.get("train_ids_sha256")
-    if not want or not src.is_file() or sha(src) != want:
+    if not want or not src.is_file() or file_sha256(src) != want:
         log.warning("%s: no training ids matching the checkpoint; the export cannot tell "
                     "downstream runs which structures its pretraining saw", src)
         return None

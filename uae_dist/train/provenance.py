@@ -16,6 +16,8 @@ import json
 import os
 from pathlib import Path
 
+from uae_dist.data.lmdb_store import file_sha256  # noqa: F401 - also used by session
+
 TRAIN_IDS = "train_ids.txt"
 EXPORTED_IDS = "pretrain_train_ids.txt"
 
@@ -33,10 +35,6 @@ def write_ids(path: Path, ids) -> str:
 
 def read_ids(path: Path) -> list[str]:
     return [line for line in Path(path).read_text().splitlines() if line]
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def export_dir(spec: str) -> Path | None:
