@@ -56,7 +56,7 @@ setup(
     description="Distributed training of universal atomic embeddings (UAEs) for crystals",
     packages=find_packages(include=["uae_dist", "uae_dist.*"]),
     # the shipped configs (uae-dist pretrain --config NAME) and element tables travel with the package
-    package_data={"uae_dist": ["configs/*.yaml", "configs/ds/*.json", "tables/*/*"]},
+    package_data={"uae_dist": ["configs/*.yaml", "configs/ds/*.json", "tables/*/*", "splits/*.json"]},
     python_requires=">=3.10",
     ext_modules=ext_modules,
     cmdclass=cmdclass,

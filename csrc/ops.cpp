@@ -1,8 +1,9 @@
 // Operator schemas of the uae_dist extension, declared once for every backend.
 //
 // Device kernels are registered with TORCH_LIBRARY_IMPL in *_cpu.cpp / *_cuda.cu; autograd formulas and
-// fake (meta) kernels are registered from Python (uae_dist/ops/_ext.py). Importing uae_dist._C is all it
-// takes to make torch.ops.uae_dist.* available.
+// fake (meta) kernels are registered from Python (uae_dist/ops/_ext.py). Importing uae_dist._C is all
+// it takes to make torch.ops.uae_dist.* available. The host-only ops of the CPU caching allocator
+// (cpu_cache_*) are declared beside it, in cpu_cache.cpp.
 #include <Python.h>
 #include <torch/library.h>
 

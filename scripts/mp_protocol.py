@@ -16,6 +16,11 @@ writes, under ``--out``:
   build as ``--split-file``; an id the build rejects is in no split, see the manifest);
 * ``protocol.json`` — the source's sha256, the counts and the split sizes.
 
+``--ship`` (re)writes the package's copy of the split, ``uae_dist/splits/mp_cgcnn6000.json``,
+which ``uae-dist data build --source mp --split-file mp_cgcnn6000`` (and the CPU matrix) reads
+to build the same 6,000 structures straight from the MP file; ``tests/test_protocol_split.py``
+checks that the shipped file equals what this script computes.
+
 The protocol, exactly: read ``mp_cgcnn_36737.json.gz`` (sha256 checked), drop the records with
 ``e_form_per_atom < -4.5`` eV/atom (bad old MP entries), keep the rest in file order and take
 ``random.Random(seed).sample(records, n)``. CGCNN's split (``cgcnn/data.py`` at f42ab233): it
@@ -40,6 +45,7 @@ MP = ROOT.parent / "shared" / "data" / "mp_cgcnn_36737.json.gz"
 MP_SHA256 = "ae0a87e9ea075fb03fa0954af150c2cbb9ae7278412eadd040728672f7d2ef7c"
 TARGET = "e_form_per_atom"
 EF_MIN = -4.5
+SHIPPED_SPLIT = ROOT / "uae_dist" / "splits" / "mp_cgcnn6000.json"
 
 
 def sha256(path: Path) -> str:
@@ -73,6 +79,15 @@ def cgcnn_split(ids: list[str], val_ratio: float = 0.1, test_ratio: float = 0.1,
             "test": rows[-n_test:]}
 
 
+def protocol_split(path: Path = MP, n: int = 6000, seed: int = 0) -> dict:
+    """The shipped form of the protocol's split: CGCNN's split of the sample, with provenance."""
+    ids = [r["material_id"] for r in sample_records(path, n, seed)]
+    return {"about": f"issue 9's MP protocol: {MP.name} without {TARGET} < {EF_MIN}, "
+                     f"random.Random({seed}).sample(records, {n}) in file order, then CGCNN's "
+                     "split (random.seed(123) shuffle, 0.8/0.1/0.1); scripts/mp_protocol.py",
+            "source_sha256": MP_SHA256, **cgcnn_split(ids)}
+
+
 def write_cgcnn_folder(records: list[dict], out: Path, table: str = "cgcnn92") -> None:
     from uae_dist.interop import write_atom_init
     from uae_dist.tables import load_table
@@ -100,7 +115,14 @@ def main(argv=None) -> int:
     p.add_argument("--cutoff", type=float, default=8.0, help="Å, of the graph build")
     p.add_argument("--max-neighbors", type=int, default=None,
                    help="also cap the stored graphs (12: CGCNN/ALIGNN; the loader's rule)")
+    p.add_argument("--ship", action="store_true",
+                   help="write the split to uae_dist/splits/mp_cgcnn6000.json and stop")
     a = p.parse_args(argv)
+    if a.ship:
+        dest = SHIPPED_SPLIT
+        dest.write_text(json.dumps(protocol_split(a.source, a.n, a.seed), indent=0) + "\n")
+        print(f"{dest}: written")
+        return 0
     records = sample_records(a.source, a.n, a.seed)
     folder = a.out / "cgcnn"
     if not (folder / "id_prop.csv").exists():  # never rewrite a folder a run may be reading

@@ -46,6 +46,33 @@ def test_pretraining_trains_on_the_train_split_only(run):
     assert not set(seen) & (set(sp["val"]) | set(sp["test"]))
 
 
+def test_hold_out_keeps_another_splits_val_and_test_from_training(run, tmp_path):
+    """``data.hold_out``: ids that a downstream split tests on never train (the loaders' ids)."""
+    data, out = run
+    sp = _split(data)
+    given = {"train": sp["train"][:3], "val": sp["train"][3:6], "test": sp["train"][6:9] + ["x"]}
+    f = tmp_path / "downstream.json"
+    f.write_text(json.dumps(given))
+    cfg = C.load_config(out / "config.yaml", [f"data.hold_out={f}"])
+    splits = Dt.open_splits(cfg)
+    held = set(given["val"]) | set(given["test"])
+    every = Dt.open_splits(C.load_config(out / "config.yaml")).train.ids
+    assert sorted(every) == sorted(sp["train"])
+    assert list(splits.train.ids) == [i for i in every if i not in held]
+    seen = []
+    for rank in range(2):
+        sampler = Dt.train_sampler(cfg, splits.train, rank, 2)
+        sampler.set_epoch(0)
+        for b in Dt.train_loader(cfg, splits.train, sampler):
+            seen += list(b.id)
+    assert set(seen) == set(splits.train.ids) and not set(seen) & held
+    assert set(given["train"]) <= set(seen)
+    assert sorted(splits.test.ids) == sorted(sp["test"])  # evaluation splits are untouched
+    bad = C.load_config(out / "config.yaml", ["data.hold_out=no_such_split"])
+    with pytest.raises(C.ConfigError, match="data.hold_out: no_such_split: .*shipped"):
+        Dt.open_splits(bad)
+
+
 def test_export_card_names_the_split_and_the_training_ids(run):
     data, out = run
     d = out / "uae"

@@ -75,9 +75,10 @@ def _add_build_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--split", default=",".join(f"{x:g}" for x in o.split),
                    help="train,val,test fractions (default %(default)s)")
     b.add_argument("--seed", type=int, default=o.seed, help="split seed (default %(default)s)")
-    b.add_argument("--split-file", default=o.split_file, metavar="JSON",
+    b.add_argument("--split-file", default=o.split_file, metavar="JSON|NAME",
                    help="use this split instead (train/val/test lists of ids, e.g. a published "
-                        "split or another build's split.json); unlisted records are rejected")
+                        "split or another build's split.json, or the name of a shipped one such "
+                        "as mp_cgcnn6000); unlisted records are rejected")
     b.add_argument("--commit-every", type=int, default=r.commit_every,
                    help="records per LMDB transaction (default %(default)s)")
     b.add_argument("-q", "--quiet", action="store_true", default=not r.progress,

@@ -50,6 +50,7 @@ class DataConfig:
     train_limit: int | None = bounded(None, ge=1)  # only the first N training records (smoke runs)
     val_limit: int | None = bounded(None, ge=1)
     test_limit: int | None = bounded(None, ge=1)
+    hold_out: str | None = None         # a split (file or shipped name): its val/test ids never train
 
 
 @dataclass
@@ -83,7 +84,7 @@ class TrainConfig:
     test: bool = True                   # evaluate the best checkpoint on the test split at the end
     deterministic: bool = True
     threads: int | None = bounded(None, ge=1)  # torch threads per rank (cores / local ranks)
-    keep_freed_memory: bool = True      # glibc keeps freed memory in the process (train/memory.py)
+    keep_freed_memory: bool = True      # freed memory stays in the process (train/memory.py)
     progress: bool = True               # tqdm bar on rank 0
     tensorboard: bool = True
     preempt_exit_code: int = 0          # exit code after a SIGTERM checkpoint (Slurm requeues)

@@ -76,7 +76,7 @@ def build_lmdb(source, out_dir, **options) -> dict:
     validate(opts, run)
     split_sha = None
     if opts.split_file is not None:  # checked before anything is opened, like every option
-        opts.split_file = str(Path(opts.split_file).resolve())
+        opts.split_file = str(given_split.resolve(opts.split_file))
         split_sha = given_split.load(opts.split_file)[1]
     out = Path(out_dir)
     check_out_dir(out)

@@ -6,6 +6,9 @@ of the lists are rejected (``not_in_split``), so every kept record is in exactly
 ids that the build does not keep (absent from the source, or rejected) are counted in the
 manifest. The file's sha256 is part of the build's identity: ``--resume`` with another file is
 refused.
+
+Published splits ship with the package under ``uae_dist/splits/`` and are given by name
+(``--split-file mp_cgcnn6000``): :func:`resolve` turns a name into that file.
 """
 from __future__ import annotations
 
@@ -16,6 +19,24 @@ from pathlib import Path
 from .options import OptionError
 
 PARTS = ("train", "val", "test")
+SHIPPED = Path(__file__).resolve().parents[1] / "splits"
+
+
+def shipped() -> list[str]:
+    """Names of the splits shipped with the package."""
+    return sorted(p.stem for p in SHIPPED.glob("*.json"))
+
+
+def resolve(spec) -> Path:
+    """A path, or the name of a shipped split → an absolute path. A path that exists wins; a
+    name that is neither is an OptionError listing the shipped names."""
+    p = Path(spec)
+    if p.exists():
+        return p.resolve()
+    if p.name == str(spec) and (SHIPPED / f"{spec}.json").exists():
+        return SHIPPED / f"{spec}.json"
+    raise OptionError("--split-file", f"{spec}: no such file, and not a shipped split "
+                                      f"(shipped: {', '.join(shipped()) or 'none'})")
 
 
 def load(path) -> tuple[dict[str, str], str]:

@@ -16,27 +16,49 @@ log = logging.getLogger("uae_dist.train")
 
 
 class Head(torch.utils.data.Dataset):
-    """The first ``n`` items of a split (smoke runs)."""
+    """The structures of a split that a run uses: those whose id is not in ``drop`` (held out
+    from training, ``data.hold_out``), then the first ``n`` of them (smoke runs)."""
 
-    def __init__(self, ds, n: int | None):
-        self.ds, self.n = ds, len(ds) if n is None else min(n, len(ds))
-        self.natoms, self.nedges = ds.natoms[: self.n], ds.nedges[: self.n]
-        self.ids = ds.ids[: self.n]
+    def __init__(self, ds, n: int | None, drop=frozenset()):
+        idx = np.arange(len(ds))
+        if drop:
+            idx = idx[np.fromiter((i not in drop for i in ds.ids), bool, len(ds))]
+        self.ds, self.idx = ds, idx[:n]
+        self.n = len(self.idx)
+        self.natoms, self.nedges = ds.natoms[self.idx], ds.nedges[self.idx]
+        self.ids = [ds.ids[k] for k in self.idx]
         self.target_names = ds.target_names
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, k):
-        return self.ds[k]
+        return self.ds[int(self.idx[k])]
 
     def __getitems__(self, ks):
+        ks = [int(self.idx[k]) for k in ks]
         # the dataset's batched fetch (one ready Batch), else the DataLoader's per-item fallback
         fetch = getattr(self.ds, "__getitems__", None)
         return fetch(ks) if fetch is not None else [self.ds[k] for k in ks]
 
     def targets_array(self):
-        return self.ds.targets_array()[: self.n]
+        return self.ds.targets_array()[self.idx]
+
+
+def held_out(spec: str | None) -> frozenset:
+    """The ids that ``data.hold_out`` keeps from training: the val and test parts of that split
+    (a JSON file or a shipped name, as ``data build --split-file`` takes), so that a table
+    pretrained here never saw the structures a downstream run tests on."""
+    if not spec:
+        return frozenset()
+    from uae_dist.data import given_split
+    from uae_dist.data.options import OptionError
+
+    try:
+        part_of = given_split.load(given_split.resolve(spec))[0]
+    except OptionError as e:
+        raise C.ConfigError(f"data.hold_out: {str(e).removeprefix(e.option + ': ')}") from None
+    return frozenset(i for i, part in part_of.items() if part != "train")
 
 
 @dataclass
@@ -84,7 +106,11 @@ def open_splits(cfg: C.Config) -> Splits:
         raise C.ConfigError(f"data.targets: {unknown} not in the data set's targets {names}")
     cols = [names.index(t) for t in targets]
     dc = cfg.data
-    train = Head(full["train"], dc.train_limit)
+    drop = held_out(dc.hold_out)
+    train = Head(full["train"], dc.train_limit, drop)
+    if drop:
+        log.info("data.hold_out=%s: %d of %d training structures held out (in its val or test)",
+                 dc.hold_out, sum(i in drop for i in full["train"].ids), len(full["train"]))
     return Splits(train, Head(full["val"], dc.val_limit), Head(full["test"], dc.test_limit),
                   targets, cols, train.targets_array()[:, cols], full["train"].manifest_sha256)
 

@@ -7,6 +7,13 @@ On the default CPU pretraining this was a third of the remaining kernel time: tw
 faster with these settings, and kernel time fell from 15 % to 10 % of the run (docs/results.md).
 The memory stays with the process, as it would with a caching allocator, so the peak does not
 grow. Variables that the user set (``MALLOC_*_``) win; other C libraries are left alone.
+
+Blocks above 32 MiB (glibc's largest mmap threshold) are still mmap'd and unmapped on every
+free; ALIGNN's line-graph activations are hundreds of MiB each and its steps spent more time in
+the kernel than in user code. :func:`cache_large_blocks` installs the extension's caching
+allocator for blocks of 1 MiB and more (``csrc/cpu_cache.cpp``: per-size-class free lists,
+footprint never above the largest live total). ALIGNN on HOIP, one thread, batches of 64:
+4.4 → 8.6 structures/s, kernel time 46 % → 4 %, peak RSS 6.9 → 6.5 GB (docs/results.md).
 """
 from __future__ import annotations
 
@@ -22,6 +29,33 @@ log = logging.getLogger("uae_dist.train")
 # threshold on 64-bit systems; mallopt takes an int, hence the 2 GiB - 1 trim threshold.
 SETTINGS = {"MALLOC_MMAP_THRESHOLD_": (-3, 32 << 20), "MALLOC_TRIM_THRESHOLD_": (-1, 2**31 - 1),
             "MALLOC_TOP_PAD_": (-2, 256 << 20)}
+
+
+CACHE_MIN_BYTES = 1 << 20
+
+
+def cache_large_blocks(min_bytes: int = CACHE_MIN_BYTES) -> bool:
+    """Make the extension's caching allocator the CPU allocator for blocks of ``min_bytes`` or
+    more (once per process); False without the compiled extension."""
+    import torch
+
+    from uae_dist.ops import _ext
+
+    if not _ext.HAS_EXT or not hasattr(torch.ops.uae_dist, "cpu_cache_enable"):
+        return False
+    return bool(torch.ops.uae_dist.cpu_cache_enable(int(min_bytes)))
+
+
+def cache_stats() -> dict:
+    """The caching allocator's counters (all 0 while it is not installed)."""
+    import torch
+
+    from uae_dist.ops import _ext
+
+    names = ("enabled", "hits", "misses", "released", "live_bytes", "cached_bytes", "peak_bytes")
+    if not _ext.HAS_EXT or not hasattr(torch.ops.uae_dist, "cpu_cache_stats"):
+        return dict.fromkeys(names, 0)
+    return dict(zip(names, torch.ops.uae_dist.cpu_cache_stats()))
 
 
 def keep_freed_memory() -> list[str]:

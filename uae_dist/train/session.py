@@ -93,9 +93,10 @@ class Session:
         setup_logging(self.rank0)
         torch.set_num_threads(tc.threads or default_threads(self.info.local_world_size))
         if tc.keep_freed_memory:
-            from .memory import keep_freed_memory
+            from .memory import cache_large_blocks, keep_freed_memory
 
-            log.debug("malloc: %s", keep_freed_memory())
+            log.debug("malloc: %s; large-block cache: %s", keep_freed_memory(),
+                      cache_large_blocks())
         if tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.device = torch.device(self.info.device)
