@@ -18,6 +18,11 @@ files (flagged by ``seen = 0`` and listed in the card's ``elements_unseen``) and
 the text formats, so a CGCNN user meets a clear KeyError instead of noise; ``--include-unseen``
 writes them (as that mean) to the text files too. ``load_uae`` warns which rows are untrained.
 
+``uae-dist export NAME_OR_EXPORT --out DIR`` re-exports a shipped table (``mp-v1``, see
+``uae_dist/tables``) or an earlier export in the formats asked for: the arrays come from its
+``uae.safetensors`` (checked against its card's sha256), the card is kept with ``exported_from``
+added, so a shipped table reaches every format without its checkpoint.
+
 The output directory is ours or new: an existing directory must be empty or a previous export
 (its model card lists its files); anything else is refused. The new files are written beside it
 and swapped in, so no file of an earlier export survives into this one.
@@ -92,7 +97,8 @@ def _test_metrics(ck_dir: Path) -> dict | None:
 
 
 def export(checkpoint, out_dir, formats=None, include_unseen: bool = False) -> dict:
-    """Write the files listed in the module docstring; return the model card."""
+    """Write the files listed in the module docstring; return the model card. ``checkpoint``
+    may also name a shipped table or an export directory (re-exported, see the docstring)."""
     from uae_dist import __version__
 
     formats = list(formats or ALL_FORMATS)
@@ -101,6 +107,9 @@ def export(checkpoint, out_dir, formats=None, include_unseen: bool = False) -> d
         raise ValueError(f"unknown export format(s) {bad}; choose from {', '.join(ALL_FORMATS)}")
     out = Path(out_dir)
     _check_out(out)
+    src = export_dir_of(checkpoint)
+    if src is not None:
+        return reexport(src, out, formats, include_unseen)
     table, ck = embedding_from_checkpoint(checkpoint)
     st, meta, config = ck["state"], ck["state"]["meta"], ck["config"]
     counts = np.asarray(st["element_counts"], dtype=np.int64)
@@ -145,6 +154,56 @@ def export(checkpoint, out_dir, formats=None, include_unseen: bool = False) -> d
             "files": {**{FILES[f]: file_sha256(tmp / FILES[f]) for f in formats},
                       **({train_ids["file"]: train_ids["sha256"]} if train_ids else {})},
         }
+        (tmp / CARD).write_text(json.dumps(card, indent=1, allow_nan=False))
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return card
+
+
+def export_dir_of(spec) -> Path | None:
+    """The export directory that ``spec`` names (a path to one, or a shipped table's name)."""
+    from uae_dist.tables import SHIPPED
+
+    for d in (Path(str(spec)), SHIPPED / str(spec)):
+        if (d / CARD).is_file() and (d / FILES["safetensors"]).is_file():
+            return d
+    return None
+
+
+def reexport(src: Path, out: Path, formats, include_unseen: bool = False) -> dict:
+    """An export (or shipped table) ``src`` written again to ``out`` in ``formats``."""
+    from safetensors.numpy import load_file
+
+    from .train.provenance import EXPORTED_IDS
+
+    if out.resolve() == src.resolve():
+        raise ValueError(f"--out {out} is the table being exported; choose another directory")
+    card = json.loads((src / CARD).read_text())
+    st = src / FILES["safetensors"]
+    want = (card.get("files") or {}).get(FILES["safetensors"])
+    if want != file_sha256(st):
+        raise ValueError(f"{st}: sha256 does not match its model card ({want}); the export is "
+                         "damaged or was edited")
+    arrays = load_file(str(st))
+    table, seen = arrays["embedding"], arrays["seen"].astype(bool)
+    rows = [k for k in range(N_ELEMENTS) if seen[k] or include_unseen]
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_formats(tmp, formats, table, seen, rows)
+        files = {FILES[f]: file_sha256(tmp / FILES[f]) for f in formats}
+        if (src / EXPORTED_IDS).is_file():
+            shutil.copyfile(src / EXPORTED_IDS, tmp / EXPORTED_IDS)
+            files[EXPORTED_IDS] = file_sha256(tmp / EXPORTED_IDS)
+        card = {**card, "files": files,
+                "exported_from": {"table": card.get("table_name") or str(src),
+                                  "card_sha256": file_sha256(src / CARD),
+                                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                "untrained_rows": "mean of the trained rows; seen = 0 in the array files; "
+                                  + ("included" if include_unseen else "left out")
+                                  + " in the text files"}
         (tmp / CARD).write_text(json.dumps(card, indent=1, allow_nan=False))
         _swap_in(tmp, out)
     finally:
@@ -207,7 +266,8 @@ def load_uae(path, warn: bool = True):
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory, a file in it, a run directory "
-                        "(→ best) or a checkpoints/ directory (→ latest)")
+                        "(→ best) or a checkpoints/ directory (→ latest); or a shipped table's "
+                        "name (mp-v1) or an export directory, to write it again")
     parser.add_argument("--out", required=True, help="output directory (new, empty, or an "
                         "earlier export)")
     parser.add_argument("--formats", default=",".join(ALL_FORMATS),
@@ -224,7 +284,8 @@ def run(args) -> int:
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"uae-dist export: error: {e}", file=sys.stderr)
         return 2
+    src = card.get("exported_from", {}).get("table") or card["checkpoint"]
     print(f"UAE {card['model']['name']} d={card['model']['embedding_dim']} from "
-          f"{card['checkpoint']} → {args.out} ({len(card['elements_seen'])} elements seen in "
+          f"{src} → {args.out} ({len(card['elements_seen'])} elements seen in "
           f"training, {len(card['elements_unseen'])} unseen)")
     return 0

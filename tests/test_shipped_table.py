@@ -1,0 +1,117 @@
+"""The UAE shipped with the package (issue 10.4): it loads offline from an installed package,
+its provenance is complete and clean for the MP protocol, ``uae-dist export`` of it round-trips,
+and it is not a random table (nor its own random initialisation)."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import uae_dist
+from uae_dist.data import given_split
+from uae_dist.tables import SHIPPED, load_table, shipped_names
+from uae_dist.train import provenance as P
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NAME = "mp-v1"
+
+
+@pytest.fixture(scope="module")
+def table():
+    return uae_dist.load_uae(NAME, warn=False)
+
+
+@pytest.fixture(scope="module")
+def card():
+    return json.loads((SHIPPED / NAME / "model_card.json").read_text())
+
+
+def test_it_is_shipped_with_its_provenance(table, card):
+    assert NAME in shipped_names()
+    assert table.values.shape == (100, card["model"]["embedding_dim"])
+    assert card["table_name"] == NAME and card["recipe"]["reproduce"]
+    assert card["config"]["model"]["name"] == "crystal_transformer"
+    for part in ("validation", "test"):
+        m = card[part]["metrics" if part == "validation" else "targets"]["e_form_per_atom"]
+        assert 0 < m["mae"] < m["mean_predictor_mae"]
+    d = card["data"]
+    assert len(d["manifest_sha256"]) == len(d["split_sha256"]) == 64
+    for f, sha in card["files"].items():  # every shipped file is the one the card names
+        assert P.file_sha256(SHIPPED / NAME / f) == sha, f
+    assert d["train_ids"]["count"] == len(P.read_ids(SHIPPED / NAME / P.EXPORTED_IDS))
+
+
+def test_its_pretraining_never_saw_the_protocols_val_and_test(card):
+    split = json.loads(given_split.resolve("mp_cgcnn6000").read_text())
+    assert card["config"]["data"]["hold_out"] == "mp_cgcnn6000"
+    assert P.leak_warning(f"uae:{NAME}", {"test": split["test"], "val": split["val"]}) is None
+    seen = set(P.read_ids(SHIPPED / NAME / P.EXPORTED_IDS))
+    assert len(seen & set(split["train"])) > 3000  # the protocol's train part was used
+
+
+def test_it_differs_from_random_and_from_its_initialisation(table, card):
+    from uae_dist import config as C
+    from uae_dist.models import build_model
+
+    rows = table.seen
+    v = table.values[rows]
+    rnd = load_table(f"random:{v.shape[1]}:0").values[rows]
+    cfg = C.from_dict(card["config"])
+    torch.manual_seed(cfg.train.seed)  # as the engine seeds before building the model
+    init = build_model(cfg.model, card["targets"]).element_embedding().numpy()[rows]
+
+    def corr(a, b):
+        return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+    assert abs(corr(v, rnd)) < 0.2
+    assert corr(v, init) < 0.9, "the table is still mostly its random initialisation"
+    assert np.linalg.norm(v - init) > 0.5 * np.linalg.norm(v)
+
+
+def test_export_of_it_round_trips(table, tmp_path):
+    out = tmp_path / "again"
+    p = subprocess.run([sys.executable, "-m", "uae_dist.cli", "export", NAME, "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    again = load_table(out)
+    assert np.array_equal(again.values[table.seen], table.values[table.seen])
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["exported_from"]["table"] == NAME
+    assert set(card["files"]) == {"uae.safetensors", "uae.npz", "atom_init.json",
+                                  "embedding.json", "embedding.csv", P.EXPORTED_IDS}
+    init = json.loads((out / "atom_init.json").read_text())  # what the reference CGCNN reads
+    assert set(init) == {str(k + 1) for k in np.flatnonzero(table.seen)}
+    assert np.allclose(init["8"], table.values[7])
+
+
+@pytest.mark.timeout(600)
+def test_it_loads_offline_from_an_installed_package(table, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"  # a copy, so that the build leaves the checkout alone
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "data_build", "build", "*.egg-info", "*.so", "__pycache__"))
+    env = {**os.environ, "UAE_NO_EXT": "1", "PIP_NO_INDEX": "1"}
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True,
+                       timeout=540, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("uae_dist-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert f"uae_dist/tables/{NAME}/model_card.json" in names
+    assert f"uae_dist/tables/{NAME}/{P.EXPORTED_IDS}" in names
+    assert "uae_dist/splits/mp_cgcnn6000.json" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)  # what pip install puts in site-packages
+    code = ("import uae_dist, numpy as np; t = uae_dist.load_uae('mp-v1', warn=False); "
+            "print(uae_dist.__file__); np.save('v.npy', t.values)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, env={**env, "PYTHONPATH": str(site)})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().startswith(str(site))
+    assert np.array_equal(np.load(tmp_path / "v.npy"), table.values)
