@@ -23,6 +23,17 @@ def run(tmp_path_factory):
     return data, out
 
 
+def _loader_ids(cfg, splits) -> list:
+    """The ids the engine's training loaders yield over one epoch, on each of 2 ranks."""
+    seen = []
+    for rank in range(2):
+        sampler = Dt.train_sampler(cfg, splits.train, rank, 2)
+        sampler.set_epoch(0)
+        for b in Dt.train_loader(cfg, splits.train, sampler):
+            seen += list(b.id)
+    return seen
+
+
 def _split(data):
     return json.loads((data / "split.json").read_text())
 
@@ -33,15 +44,9 @@ def test_pretraining_trains_on_the_train_split_only(run):
     sp = _split(data)
     recorded = P.read_ids(out / P.TRAIN_IDS)
     assert recorded and set(recorded) == set(sp["train"])
-    # the ids the engine's loaders yield over one epoch, on each of 2 ranks
     cfg = C.load_config(out / "config.yaml")
     splits = Dt.open_splits(cfg)
-    seen = []
-    for rank in range(2):
-        sampler = Dt.train_sampler(cfg, splits.train, rank, 2)
-        sampler.set_epoch(0)
-        for b in Dt.train_loader(cfg, splits.train, sampler):
-            seen += list(b.id)
+    seen = _loader_ids(cfg, splits)
     assert set(seen) == set(sp["train"])
     assert not set(seen) & (set(sp["val"]) | set(sp["test"]))
 
@@ -59,12 +64,7 @@ def test_hold_out_keeps_another_splits_val_and_test_from_training(run, tmp_path)
     every = Dt.open_splits(C.load_config(out / "config.yaml")).train.ids
     assert sorted(every) == sorted(sp["train"])
     assert list(splits.train.ids) == [i for i in every if i not in held]
-    seen = []
-    for rank in range(2):
-        sampler = Dt.train_sampler(cfg, splits.train, rank, 2)
-        sampler.set_epoch(0)
-        for b in Dt.train_loader(cfg, splits.train, sampler):
-            seen += list(b.id)
+    seen = _loader_ids(cfg, splits)
     assert set(seen) == set(splits.train.ids) and not set(seen) & held
     assert set(given["train"]) <= set(seen)
     assert sorted(splits.test.ids) == sorted(sp["test"])  # evaluation splits are untouched

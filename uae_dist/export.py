@@ -29,6 +29,7 @@ and swapped in, so no file of an earlier export survives into this one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -120,10 +121,7 @@ def export(checkpoint, out_dir, formats=None, include_unseen: bool = False) -> d
     table[~seen] = table[seen].mean(0)  # untrained rows: the mean of the trained ones
     rows = [k for k in range(N_ELEMENTS) if seen[k] or include_unseen]
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with _staged(out) as tmp:
         _write_formats(tmp, formats, table, seen, rows)
         ck_dir = Path(ck["path"])
         train_ids = _copy_train_ids(ck_dir, meta, tmp)
@@ -146,8 +144,7 @@ def export(checkpoint, out_dir, formats=None, include_unseen: bool = False) -> d
                      "train_ids": train_ids},
             "elements_seen": [SYMBOLS[k] for k in range(N_ELEMENTS) if seen[k]],
             "elements_unseen": [SYMBOLS[k] for k in range(N_ELEMENTS) if not seen[k]],
-            "untrained_rows": "mean of the trained rows; seen = 0 in the array files; "
-                              + ("included" if include_unseen else "left out") + " in the text files",
+            "untrained_rows": _untrained_note(include_unseen),
             "atom_counts_in_training": {SYMBOLS[k]: int(counts[k]) for k in range(N_ELEMENTS)
                                         if seen[k]},
             "config": config,
@@ -155,20 +152,16 @@ def export(checkpoint, out_dir, formats=None, include_unseen: bool = False) -> d
                       **({train_ids["file"]: train_ids["sha256"]} if train_ids else {})},
         }
         (tmp / CARD).write_text(json.dumps(card, indent=1, allow_nan=False))
-        _swap_in(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return card
 
 
 def export_dir_of(spec) -> Path | None:
-    """The export directory that ``spec`` names (a path to one, or a shipped table's name)."""
-    from uae_dist.tables import SHIPPED
+    """The export directory that ``spec`` names (a path to one, or a shipped table's name)
+    when it holds the arrays a re-export reads."""
+    from .train.provenance import export_dir
 
-    for d in (Path(str(spec)), SHIPPED / str(spec)):
-        if (d / CARD).is_file() and (d / FILES["safetensors"]).is_file():
-            return d
-    return None
+    d = export_dir(str(spec))
+    return d if d is not None and (d / FILES["safetensors"]).is_file() else None
 
 
 def reexport(src: Path, out: Path, formats, include_unseen: bool = False) -> dict:
@@ -188,10 +181,7 @@ def reexport(src: Path, out: Path, formats, include_unseen: bool = False) -> dic
     arrays = load_file(str(st))
     table, seen = arrays["embedding"], arrays["seen"].astype(bool)
     rows = [k for k in range(N_ELEMENTS) if seen[k] or include_unseen]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with _staged(out) as tmp:
         _write_formats(tmp, formats, table, seen, rows)
         files = {FILES[f]: file_sha256(tmp / FILES[f]) for f in formats}
         if (src / EXPORTED_IDS).is_file():
@@ -201,14 +191,28 @@ def reexport(src: Path, out: Path, formats, include_unseen: bool = False) -> dic
                 "exported_from": {"table": card.get("table_name") or str(src),
                                   "card_sha256": file_sha256(src / CARD),
                                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                "untrained_rows": "mean of the trained rows; seen = 0 in the array files; "
-                                  + ("included" if include_unseen else "left out")
-                                  + " in the text files"}
+                "untrained_rows": _untrained_note(include_unseen)}
         (tmp / CARD).write_text(json.dumps(card, indent=1, allow_nan=False))
+    return card
+
+
+def _untrained_note(include_unseen: bool) -> str:
+    return ("mean of the trained rows; seen = 0 in the array files; "
+            + ("included" if include_unseen else "left out") + " in the text files")
+
+
+@contextlib.contextmanager
+def _staged(out: Path):
+    """A fresh directory beside ``out`` to write an export into: swapped in for ``out`` when
+    the block succeeds, removed in any case."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return card
 
 
 def _copy_train_ids(ck_dir: Path, meta: dict, out: Path) -> dict | None:

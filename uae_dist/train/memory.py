@@ -34,28 +34,28 @@ SETTINGS = {"MALLOC_MMAP_THRESHOLD_": (-3, 32 << 20), "MALLOC_TRIM_THRESHOLD_": 
 CACHE_MIN_BYTES = 1 << 20
 
 
-def cache_large_blocks(min_bytes: int = CACHE_MIN_BYTES) -> bool:
-    """Make the extension's caching allocator the CPU allocator for blocks of ``min_bytes`` or
-    more (once per process); False without the compiled extension."""
+def _cache_op(name: str):
+    """``torch.ops.uae_dist.<name>`` of the caching allocator, or None without the extension."""
     import torch
 
     from uae_dist.ops import _ext
 
-    if not _ext.HAS_EXT or not hasattr(torch.ops.uae_dist, "cpu_cache_enable"):
-        return False
-    return bool(torch.ops.uae_dist.cpu_cache_enable(int(min_bytes)))
+    return getattr(torch.ops.uae_dist, name) if _ext.HAS_EXT and hasattr(torch.ops.uae_dist, name) \
+        else None
+
+
+def cache_large_blocks(min_bytes: int = CACHE_MIN_BYTES) -> bool:
+    """Make the extension's caching allocator the CPU allocator for blocks of ``min_bytes`` or
+    more (once per process); False without the compiled extension."""
+    enable = _cache_op("cpu_cache_enable")
+    return False if enable is None else bool(enable(int(min_bytes)))
 
 
 def cache_stats() -> dict:
     """The caching allocator's counters (all 0 while it is not installed)."""
-    import torch
-
-    from uae_dist.ops import _ext
-
     names = ("enabled", "hits", "misses", "released", "live_bytes", "cached_bytes", "peak_bytes")
-    if not _ext.HAS_EXT or not hasattr(torch.ops.uae_dist, "cpu_cache_stats"):
-        return dict.fromkeys(names, 0)
-    return dict(zip(names, torch.ops.uae_dist.cpu_cache_stats()))
+    stats = _cache_op("cpu_cache_stats")
+    return dict.fromkeys(names, 0) if stats is None else dict(zip(names, stats()))
 
 
 def keep_freed_memory() -> list[str]:
