@@ -115,3 +115,18 @@ def test_it_loads_offline_from_an_installed_package(table, tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().startswith(str(site))
     assert np.array_equal(np.load(tmp_path / "v.npy"), table.values)
+
+
+def test_a_damaged_table_is_refused_not_exported(tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(SHIPPED / NAME, bad)
+    raw = bytearray((bad / "uae.safetensors").read_bytes())
+    raw[-1] ^= 0xFF  # one flipped byte in the embedding
+    (bad / "uae.safetensors").write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "uae_dist.cli", "export", str(bad), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 2 and "does not match its model card" in p.stderr, p.stderr
+    assert not out.exists()
