@@ -159,6 +159,29 @@ def test_records_round_trip(small_build, small_source):
         assert ours == ref
 
 
+def test_per_atom_targets_derived_from_the_source(tmp_path, mp_records):
+    """``KEY_per_atom`` for a source with only ``KEY`` (MP's cell volume and magnetic moment) is
+    KEY over the atom count of that record, checked against pymatgen's structure."""
+    from pymatgen.core import Structure
+
+    recs = mp_records[:12]
+    src = write_json(tmp_path / "mp12.json.gz", recs)
+    m = build_lmdb(src, tmp_path / "ds", targets="e_form_per_atom,volume_per_atom,magmom_per_atom",
+                   shards=1, workers=1, progress=False, use_mpi=False)
+    assert m["targets"]["names"] == ["e_form_per_atom", "volume_per_atom", "magmom_per_atom"]
+    assert m["source"]["per_atom"] == {"volume_per_atom": "volume", "magmom_per_atom": "magmom"}
+    ds = CrystalGraphDataset(tmp_path / "ds", split=None, dtype=__import__("torch").float64)
+    by_id = {r["material_id"]: r for r in recs}
+    for g in (ds[k] for k in range(len(ds))):
+        r, n = by_id[g.id], len(Structure.from_str(by_id[g.id]["cif"], fmt="cif"))
+        assert n > 1 or g.id == "mp-1"
+        np.testing.assert_allclose(g.y[0].numpy(), [r["e_form_per_atom"], r["volume"] / n,
+                                                    r["magmom"] / n], rtol=1e-12)
+    with pytest.raises(ValueError, match="KEY_per_atom"):
+        build_lmdb(src, tmp_path / "bad", targets="band_gap_per_atomm", shards=1,
+                   progress=False, use_mpi=False)
+
+
 def test_split_is_deterministic_partition(small_build):
     out, m = small_build
     sp = json.loads((out / "split.json").read_text())

@@ -41,9 +41,29 @@ def test_unknown_key_in_yaml(tmp_path):
         load_config(p)
 
 
-@pytest.mark.parametrize("name", ["pretrain", "pretrain_full", "pretrain_smoke", "configs/pretrain.yaml"])
+@pytest.mark.parametrize("name", ["pretrain", "pretrain_full", "pretrain_smoke",
+                                  "configs/pretrain.yaml", "pretrain_mp_v1", "pretrain_mp_st_ef",
+                                  "pretrain_mp_st_gap", "pretrain_mp_mt5", "pretrain_mp_paper"])
 def test_shipped_configs_load(name):
     assert isinstance(load_config(name), Config)
+
+
+def test_base_config_is_merged_under_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("model:\n  layers: 5\n  heads: 2\ntrain:\n  epochs: 7\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nmodel:\n  heads: 4\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\ntrain:\n  epochs: 1\n")
+    cfg = load_config(tmp_path / "c.yaml", ["model.layers=2"])
+    assert (cfg.model.layers, cfg.model.heads, cfg.train.epochs) == (2, 4, 1)
+    # a shipped name as the base: the recipe equals its base with the recipe's keys overridden
+    st = load_config("pretrain_mp_st_gap")
+    assert to_dict(st) == to_dict(load_config("pretrain_mp_v1", [
+        "data.targets=[band_gap]", "train.out_dir=runs/pretrain_mp_st_gap"]))
+    (tmp_path / "a.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: no_such_config\n")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "d.yaml")
 
 
 def test_ds_json_and_batch_fields():

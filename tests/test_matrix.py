@@ -104,6 +104,9 @@ def test_shipped_matrices_parse():
     assert all(len(b.featurizers) == 4 for b in m.backbones.values())
     assert len(C.expand(m)) == 3 * 4 * 2 * len(m.seeds)
     assert len(C.expand(load_matrix("matrix_smoke"))) == 4
+    u = load_matrix("matrix_uae")      # issue 10: cgcnn on both tasks, megnet on HOIP only
+    assert u.reuse == (Path("runs/matrix_cpu"),) and u.backbones["megnet"].tasks == ("hoip_ae",)
+    assert len(C.expand(u)) == len(u.featurizers) * 3 * len(u.seeds)
 
 
 def test_stale_cell_is_detected_and_moved_aside(tmp_path):
@@ -165,6 +168,33 @@ def test_rerun_skips_done_cells(small_run):
     assert (done / "cell.log").read_text().count("=== ") == 1
     listing = cli(["matrix", "list", f], cwd=work, check_rc=0).stdout
     assert listing.count(" done ") == 4 and "failed   ct/ef/broken/seed0" in listing
+
+
+def test_reuse_copies_done_cells_of_the_same_config(small_run):
+    """A matrix naming ``reuse: [other out_root]`` copies that matrix's done cells of the same
+    config hash and data instead of training them again; a cell of another hash is not reused."""
+    work, f, out, p, wall = small_run
+    d = smoke_dict()
+    d["out_root"], d["reuse"] = "runs/matrix_reuse", [str(out.relative_to(work))]
+    g = write_matrix(work / "reuse.yaml", d)
+    again = cli(["matrix", "run", g, "--jobs", "2"], cwd=work, check_rc=0)
+    assert "4 skipped" in again.stderr and "start  [" not in again.stderr
+    assert again.stderr.count("reused [") == 4
+    m = load_matrix(g, out_root=str(work / "runs/matrix_reuse"))
+    for r in plan(m):
+        mine, theirs = read_json(r.dir / "metrics.json"), read_json(out / r.dir.relative_to(
+            m.out_root.resolve()) / "metrics.json")
+        assert mine == theirs and mine["config_hash"] == r.hash
+        assert (r.dir / "predictions_test.csv").exists() and not (r.dir / ".lock").exists()
+    import dataclasses
+
+    from uae_dist.experiments.matrix import _reuse
+    r = plan(m)[0]
+    m2 = dataclasses.replace(m, out_root=work / "runs/matrix_reuse2", reuse=(out,))
+    here = work / "runs/matrix_reuse2" / r.dir.relative_to(m.out_root.resolve())
+    assert _reuse(m2, dataclasses.replace(r, dir=here, hash="0" * 64), None) is None
+    assert not here.exists()
+    assert _reuse(m2, dataclasses.replace(r, dir=here), None)["config_hash"] == r.hash
 
 
 @pytest.mark.skipif(not MP.exists(), reason="MP data set not found")

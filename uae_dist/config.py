@@ -9,8 +9,10 @@ unknown section or key is an error naming the closest valid spelling; a number o
 
 Configs ship inside the package (``uae_dist/configs``): ``--config pretrain`` and
 ``--config configs/pretrain.yaml`` both find ``pretrain.yaml`` there when no such file exists;
-any other value is a path. DeepSpeed's own settings stay in DeepSpeed's JSON (``ds.config``: a
-packaged name such as ``zero1`` or a path); the engine fills in batch-size and precision fields.
+any other value is a path. A file may start from another with ``base: NAME_OR_PATH`` and
+override only some keys (mappings merge, any other value replaces the base's). DeepSpeed's own
+settings stay in DeepSpeed's JSON (``ds.config``: a packaged name such as ``zero1`` or a path);
+the engine fills in batch-size and precision fields.
 """
 from __future__ import annotations
 
@@ -293,17 +295,29 @@ def find_config(name_or_path: str | Path, kind: str = "yaml") -> Path:
                       f"({', '.join(shipped)})")
 
 
+def _read_yaml(p: Path, seen: tuple = ()) -> dict:
+    """A config file's sections, over those of its ``base:`` (a path beside it or a shipped
+    name, itself possibly based on another) so a recipe states only what it changes."""
+    if p.resolve() in seen:
+        raise ConfigError(f"{p}: base configs form a cycle: "
+                          + " -> ".join(str(q) for q in (*seen, p.resolve())))
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    near = p.parent / str(base)
+    bp = near if near.is_file() else find_config(str(base))
+    return _merge(_read_yaml(bp, (*seen, p.resolve())), raw)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults ← YAML file (path or shipped name) ← dotted overrides, validated."""
-    raw: dict = {}
-    if path is not None:
-        p = find_config(path)
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections")
+    raw = _read_yaml(find_config(path)) if path is not None else {}
     try:
         cfg = _build(Config, _merge(raw, _overrides_dict(overrides or [])), "")
     except ConfigError as e:

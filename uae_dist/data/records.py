@@ -80,11 +80,13 @@ def label_value(v) -> float:
     raise LabelError(f"{v!r} is not a number")
 
 
-def _labels(names, get) -> tuple[dict, tuple[str, str] | None]:
-    """{name: value} for ``get(name)``, and the first non-numeric label as a problem."""
+def _labels(names, get, derived=None) -> tuple[dict, tuple[str, str] | None]:
+    """{name: value} for ``get(name)`` (``get(derived[name])`` for a derived target, still per
+    structure), and the first non-numeric label as a problem."""
     out, problem = {}, None
+    derived = derived or {}
     for name in names:
-        v = get(name)
+        v = get(derived.get(name, name))
         try:
             out[name] = label_value(v)
         except LabelError as e:
@@ -168,11 +170,21 @@ def _safe_file_id(rid: str) -> bool:
             and not os.path.isabs(rid))
 
 
-def _check_targets(names: list[str], available, what: str) -> None:
+PER_ATOM = "_per_atom"
+
+
+def _check_targets(names: list[str], available, what: str) -> dict:
+    """Refuse unknown targets; return the derived ones, ``{name: source key}``: a requested
+    ``KEY_per_atom`` that the source lacks but whose ``KEY`` it has (MP's ``volume``, ``magmom``)
+    is read from ``KEY`` and divided by the structure's atom count when its graph is built."""
     available = list(available)
-    missing = [t for t in names if t not in available]
+    derived = {t: t[:-len(PER_ATOM)] for t in names if t not in available
+               and t.endswith(PER_ATOM) and t[:-len(PER_ATOM)] in available}
+    missing = [t for t in names if t not in available and t not in derived]
     if missing:
-        raise ValueError(f"unknown target(s) {missing} in {what}; available: {available}")
+        raise ValueError(f"unknown target(s) {missing} in {what}; available: {available} "
+                         f"(and KEY{PER_ATOM} for any of them)")
+    return derived
 
 
 def _target_list(targets) -> list[str] | None:

@@ -62,6 +62,9 @@ def process_one(src, k: int, dup_of: dict, opts: BuildOptions, gopts: GraphOptio
             raise RejectError(e.reason, str(e)) from None
         except ValueError as e:  # a reader's own errors
             raise RejectError("parse_error", str(e)) from None
+        if src.per_atom:  # derived KEY_per_atom targets: the source's KEY over the atom count
+            y[[names.index(t) for t in src.per_atom]] /= max(len(c.numbers), 1)
+            check_labels(dict(zip(names, y.tolist())), opts.bounds)
         validate_crystal(c.numbers, c.lattice, c.frac, c.pbc)
         g = build_graph(c.numbers, c.lattice, c.frac, c.pbc, gopts, nfn)
         blob = encode_record(rec.id, g, y)

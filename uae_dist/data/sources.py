@@ -84,6 +84,7 @@ class Source:
         self.path = pathlib.Path(path)
         self._sha = None
         self._names: list[str] = []
+        self.per_atom: dict = {}   # derived targets {name: source key}, divided by the atom count
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -160,7 +161,8 @@ class JsonSource(Source):
         if names is None:
             names = _numeric_keys(data, {id_key, cif_key})
         else:
-            _check_targets(names, [key for key in keys if key != cif_key], str(self.path))
+            self.per_atom = _check_targets(names, [key for key in keys if key != cif_key],
+                                           str(self.path))
         self._names = names
 
     def __len__(self) -> int:
@@ -169,7 +171,7 @@ class JsonSource(Source):
     def record(self, k: int) -> SourceRecord:
         k = self._check_index(k)
         r = self._data[k]
-        targets, problem = _labels(self._names, r.get)
+        targets, problem = _labels(self._names, r.get, self.per_atom)
         if self.id_key is None:
             rid = str(k)
         else:
@@ -185,7 +187,7 @@ class JsonSource(Source):
     def describe(self) -> dict:
         return {"fmt": self.fmt, "path": str(self.path), "n": len(self), "id_key": self.id_key,
                 "cif_key": self.cif_key, "targets": self.target_names(),
-                "fast_cif": self.fast_cif}
+                "fast_cif": self.fast_cif, **({"per_atom": self.per_atom} if self.per_atom else {})}
 
 
 class CgcnnSource(Source):
@@ -303,7 +305,8 @@ class AseSource(Source):
             names = available
         else:
             all_info = {key for i in infos for key in i}
-            _check_targets(names, available + sorted(all_info - set(available)), str(self.path))
+            self.per_atom = _check_targets(names, available + sorted(all_info - set(available)),
+                                           str(self.path))
         self._names = names
 
     @staticmethod
@@ -335,7 +338,7 @@ class AseSource(Source):
     def record(self, k: int) -> SourceRecord:
         k = self._check_index(k)
         a = self._frames[k]
-        targets, problem = _labels(self._names, lambda name: self._value(a, name))
+        targets, problem = _labels(self._names, lambda name: self._value(a, name), self.per_atom)
         if self.id_key is None:
             rid = str(k)
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -157,6 +158,8 @@ def run(m: Matrix, cell: int | None = None, jobs: int | None = None,
             log.error("FAILED [%d] %s  %s", r.cell.index, r.cell.name, r.error)
             continue
         mt = record.is_done(r.dir, r.hash, shas.get(r.cell.dataset))
+        if mt is None and not _locked(r.dir / ".lock"):
+            mt = _reuse(m, r, shas.get(r.cell.dataset))
         if mt:
             outcomes.append(Outcome("skipped", r, 0, metrics=mt))
             continue
@@ -185,6 +188,23 @@ def run(m: Matrix, cell: int | None = None, jobs: int | None = None,
                     m.run.timeout_s, m.run.env)
     outcomes += runner.run()
     return _report(m, outcomes, time.time() - t0)
+
+
+def _reuse(m: Matrix, r: Resolved, manifest_sha: str | None) -> dict | None:
+    """Copy the same cell, done with the same config hash on the same data, from a matrix named
+    in ``reuse:`` (the same experiment: re-running it would only re-measure the seed's noise)."""
+    rel = r.dir.relative_to(m.out_root.resolve())
+    for root in m.reuse:
+        src = root / rel
+        if record.is_done(src, r.hash, manifest_sha) and not _locked(src / ".lock"):
+            old = record.stale_hash(r.dir, r.hash)
+            if old:
+                record.move_aside(r.dir, old)
+            shutil.copytree(src, r.dir, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns(".lock"))
+            log.info("reused [%d] %s from %s", r.cell.index, r.cell.name, src)
+            return record.is_done(r.dir, r.hash, manifest_sha)
+    return None
 
 
 def _report(m: Matrix, outcomes: list[Outcome], wall: float) -> int:

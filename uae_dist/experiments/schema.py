@@ -90,6 +90,8 @@ class Matrix:
     overrides: dict
     exclude: tuple[Exclude, ...]
     run: RunOptions
+    reuse: tuple[Path, ...] = ()   # other matrices' out_roots whose done cells of the same
+                                   # config hash (and data) are copied instead of re-run
 
 
 # --------------------------------------------------------------------------- helpers
@@ -278,7 +280,7 @@ def _check_budgets(bbs: dict, feats: dict) -> None:
 
 
 TOP_REQUIRED = {"out_root", "seeds", "datasets", "tasks", "backbones", "featurizers"}
-TOP_OPTIONAL = {"name", "overrides", "exclude", "run", "description"}
+TOP_OPTIONAL = {"name", "overrides", "exclude", "run", "description", "reuse"}
 
 
 def parse(raw: dict, path: Path, text: str = "", out_root: str | None = None) -> Matrix:
@@ -317,10 +319,14 @@ def parse(raw: dict, path: Path, text: str = "", out_root: str | None = None) ->
         glob = overrides(r.get("overrides"), "overrides")
         root = out_root or _str(r["out_root"], "out_root")
         name = _name(r.get("name") or Path(path).stem, "name")
+        reuse = r.get("reuse") or []
+        if not isinstance(reuse, list):
+            raise _fail("reuse", f"expected a list of other matrices' out_root, got {reuse!r}")
+        reuse = tuple(Path(_str(v, f"reuse[{k}]")) for k, v in enumerate(reuse))
     except MatrixError as e:
         raise MatrixError(f"{w}: {e}") from None
     return Matrix(name, Path(path), hashlib.sha256(text.encode()).hexdigest(), Path(root),
-                  seeds, datasets, tasks, bbs, feats, glob, exclude, run)
+                  seeds, datasets, tasks, bbs, feats, glob, exclude, run, reuse)
 
 
 def find_matrix(name_or_path) -> Path:
