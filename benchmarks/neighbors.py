@@ -123,9 +123,15 @@ def per_structure(fn, items, sync=None):
     return times, pairs
 
 
-def batched(arrays, cutoff, batch_size, device="cpu", compact=False):
+def batched(arrays, cutoff, batch_size, device="cpu", compact=False, warm=True):
     """Per-structure times of the batched op: structures are grouped by size (as a bucketing loader
-    would) and each gets its batch's time / batch size, so medians compare like with like."""
+    would) and each gets its batch's time / batch size, so medians compare like with like.
+
+    ``warm``: time a second pass over the same batches, as a loop over epochs sees the op (its
+    output blocks are recycled between calls); the first pass pays a page fault and a zeroed page
+    per 4 KiB of every new output block (tens of MB per call on dense cells): ``warm=False``."""
+    if warm:
+        batched(arrays, cutoff, batch_size, device, compact, warm=False)
     times, pairs = np.empty(len(arrays)), 0
     order = np.argsort([len(a[0]) for a in arrays], kind="stable")
     for b0 in range(0, len(arrays), batch_size):
@@ -167,6 +173,7 @@ def run_set(name, arrays, structs, cutoff, args, vesin, cuda):
         res["ours (one/call, 1 thread)"] = per_structure(lambda a: len(neighbor_list_np(*a, cutoff)[0]), arrays)
         torch.set_num_threads(nt)
     bs = args.batch_size
+    res[f"ours batched ({bs}/call, first pass)"] = batched(arrays, cutoff, bs, warm=False)
     res[f"ours batched ({bs}/call)"] = batched(arrays, cutoff, bs)
     res[f"ours batched compact ({bs}/call)"] = batched(arrays, cutoff, bs, compact=True)
     if nt > 1:
@@ -221,6 +228,8 @@ def run_set(name, arrays, structs, cutoff, args, vesin, cuda):
         short = "pymatgen" if r.startswith("pymatgen") else "vesin_cuda"
         for key, label in (("ours (one structure/call)", "per_structure"),
                            (f"ours batched ({bs}/call)", "batched"),
+                           (f"ours batched ({bs}/call, first pass)", "batched_first_pass"),
+                           (f"ours batched ({bs}/call, 1 thread)", "batched_1thread"),
                            (f"ours batched compact ({bs}/call)", "batched_compact"),
                            (f"ours CUDA batched ({bs}/call)", "cuda_batched"), ("vesin", "vesin_cpu")):
             if key in res:

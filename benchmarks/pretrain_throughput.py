@@ -8,7 +8,9 @@ loop itself logs (train.csv, first window dropped as warm-up) and prints
 
     scaling efficiency = throughput(2 ranks) / (2 × throughput(1 rank))
 
-and the CPU time of each run (user and kernel, all ranks). ``--reference "k=v …"`` (repeatable)
+and the CPU time of each run (user and kernel, all ranks, start-up included), with rank 0's kernel
+share in the steady state (train.csv's ``cpu_user_s``/``cpu_sys_s`` between its first and last
+rows). ``--reference "k=v …"`` (repeatable)
 adds the same runs with those overrides as same-run references; ``--uncapped`` is
 ``--reference ds.cap_buckets=false`` (DeepSpeed's 5e7-element ZeRO buckets, as before issue 14).
 
@@ -65,7 +67,12 @@ def measure(data, variant, ranks, steps, max_atoms, extra, gpu=False) -> dict:
             rows = list(csv.DictReader(fh))
         s = [float(r["structures_per_s"]) for r in rows[1:]] or [float(rows[0]["structures_per_s"])]
         a = [float(r["atoms_per_s"]) for r in rows[1:]] or [float(rows[0]["atoms_per_s"])]
-        return {"variant": variant, "ranks": ranks, "device": "cuda" if gpu else "cpu",
+        # rank 0's own CPU time between its first and last log rows: the steady state, without
+        # start-up (imports, rendezvous, opening the data) and the final validation
+        du, dk = (float(rows[-1][k]) - float(rows[0][k]) for k in ("cpu_user_s", "cpu_sys_s"))
+        return {"steady_user_s": du, "steady_sys_s": dk,
+                "steady_kernel": dk / max(du + dk, 1e-9),
+                "variant": variant, "ranks": ranks, "device": "cuda" if gpu else "cpu",
                 "structures_per_s": statistics.median(s), "atoms_per_s": statistics.median(a),
                 "extra": list(extra), "user_s": r1.ru_utime - r0.ru_utime,
                 "sys_s": r1.ru_stime - r0.ru_stime}
@@ -97,7 +104,8 @@ def main() -> int:
                 print(f"{v:9s} {r} CPU rank(s){' ' + x['ref'] if ref else ''}: "
                       f"{x['structures_per_s']:8.1f} structures/s {x['atoms_per_s']:9.0f} atoms/s"
                       f"  user {x['user_s']:6.1f} s  sys {x['sys_s']:6.1f} s "
-                      f"({x['sys_s'] / max(1e-9, x['user_s'] + x['sys_s']):.0%} kernel)",
+                      f"({x['sys_s'] / max(1e-9, x['user_s'] + x['sys_s']):.0%} kernel; steady state "
+                      f"on rank 0: {x['steady_kernel']:.0%})",
                       flush=True)
         if torch.cuda.is_available():
             results.append(measure(a.data, v, 1, a.steps, a.max_atoms, a.overrides, gpu=True))
@@ -122,6 +130,11 @@ def main() -> int:
                 print(f"{v:9s} {r} rank(s): default / [{' '.join(ref)}] = "
                       f"{new['structures_per_s'] / old['structures_per_s']:.2f}x structures/s, "
                       f"kernel time {new['sys_s']:.1f} s vs {old['sys_s']:.1f} s")
+        share = lambda x: x["sys_s"] / max(1e-9, x["user_s"] + x["sys_s"])  # noqa: E731
+        print(f"SUMMARY pretrain_throughput {v}: {one['structures_per_s']:.1f} -> "
+              f"{two['structures_per_s']:.1f} structures/s on 1 -> 2 CPU ranks ({sp:.2f}x); kernel "
+              f"share of CPU time, whole run {share(one):.0%} / {share(two):.0%}, steady state "
+              f"(rank 0) {one['steady_kernel']:.0%} / {two['steady_kernel']:.0%}")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return 0

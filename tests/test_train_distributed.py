@@ -38,6 +38,9 @@ def test_deepspeed_launcher_zero1_loss_falls(data, tmp_path):
     first = [float(x["loss"]) for x in r if x["epoch"] == "0"]
     last = [float(x["loss"]) for x in r if x["epoch"] == "5"]
     assert _mean(last) < 0.8 * _mean(first), (_mean(first), _mean(last))
+    # rank 0's CPU clocks (benchmarks/pretrain_throughput.py's steady-state kernel share)
+    user, kern = ([float(x[k]) for x in r] for k in ("cpu_user_s", "cpu_sys_s"))
+    assert user == sorted(user) and kern == sorted(kern) and user[-1] > user[0] > 0
     val = rows(out, "val.csv")
     assert len(val) == 6 and int(val[-1]["n_val"]) == meta["n_val"]  # each val item counted once
     # every file of a checkpoint loads with weights_only=True

@@ -146,6 +146,9 @@ def _log_train(run: Session, w: torch.Tensor, dt: float, lr: float) -> None:
     row = {"step": s.step, "epoch": s.epoch, "loss": w[1].item() / n, "lr": lr,
            "structures_per_s": w[2 + t].item() / max(dt, 1e-9),
            "atoms_per_s": w[3 + t].item() / max(dt, 1e-9), "elapsed_s": run.elapsed()}
+    # this rank's process CPU time so far (all threads; restarts at 0 on resume): the kernel
+    # share of the steady state, without start-up, is a difference of two rows
+    row["cpu_user_s"], row["cpu_sys_s"] = os.times()[:2]
     for k, name in enumerate(run.targets):
         row[f"loss_{name}"] = w[2 + k].item() / n
     if run.device.type == "cuda":  # what the allocator held at most, for sizing batches

@@ -44,7 +44,7 @@ class Metrics:
         out = Path(out_dir)
         self.train = CSVLog(out / "train.csv", ["step", "epoch", "loss", *[f"loss_{t}" for t in targets], "lr",
                                                  "structures_per_s", "atoms_per_s", "elapsed_s",
-                                                 "gpu_peak_gib"], resume_step)
+                                                 "cpu_user_s", "cpu_sys_s", "gpu_peak_gib"], resume_step)
         self.val = CSVLog(out / "val.csv", ["step", "epoch", *[f"mae_{t}" for t in targets],
                                              *[f"mean_predictor_mae_{t}" for t in targets], "score", "n_val",
                                              "elapsed_s"], resume_step)
