@@ -24,13 +24,13 @@ import sys
 from pathlib import Path
 
 
-def _time(path: Path):
-    """(user + sys CPU-s, wall s) from the last line of a ``/usr/bin/time -f %U_%S_%e`` file."""
+def _cpu_s(path: Path):
+    """user + sys CPU-s from the last line of a ``/usr/bin/time -f %U_%S_%e`` file."""
     if not path.exists():
         return None
     last = path.read_text().replace("\r", "\n").strip().splitlines()[-1]
-    u, s, e = (float(x) for x in last.split("_"))
-    return u + s, e
+    u, s, _wall = (float(x) for x in last.split("_"))
+    return u + s
 
 
 def _epochs(run: Path) -> int:
@@ -47,9 +47,9 @@ def ref_cgcnn(root: Path) -> list[dict]:
             err = [abs(float(r[1]) - float(r[2])) for r in csv.reader(fh)]
         epochs = sum(1 for line in (d / "log.txt").read_text().splitlines()
                      if line.startswith(" * MAE"))  # one per validation; the test's is " ** MAE"
-        t = _time(d / "time.txt")
+        cpu = _cpu_s(d / "time.txt")
         out.append({"run": d.name, "mae": sum(err) / len(err), "n_test": len(err),
-                    "epochs": epochs, "cpu_s": t and t[0], "wall_s": t and t[1]})
+                    "epochs": epochs, "cpu_s": cpu})
     return out
 
 
@@ -60,9 +60,9 @@ def ours(root: Path, prefix: str) -> list[dict]:
         if not d.is_dir() or not f.exists():
             continue
         m = json.loads(f.read_text())["targets"]["e_form_per_atom"]
-        t = _time(d.with_suffix(".time"))
+        cpu = _cpu_s(d.with_suffix(".time"))
         out.append({"run": d.name, "mae": m["mae"], "n_test": m["count"], "epochs": _epochs(d),
-                    "cpu_s": t and t[0], "wall_s": t and t[1]})
+                    "cpu_s": cpu})
     return out
 
 
@@ -73,20 +73,18 @@ def peer(root: Path, prefix: str, mae_key: str) -> list[dict]:
         if not f.exists():
             continue
         r = json.loads(f.read_text())
-        t = _time(d.with_suffix(".time"))
+        cpu = _cpu_s(d.with_suffix(".time"))
         out.append({"run": d.name, "mae": r[mae_key], "n_test": r.get("n", {}).get("test"),
-                    "epochs": r["epochs"], "cpu_s": t and t[0], "wall_s": t and t[1]})
+                    "epochs": r["epochs"], "cpu_s": cpu})
     return out
 
 
-def _stat(rows: list[dict], key: str) -> str:
-    xs = [r[key] for r in rows if r.get(key) is not None]
+def _mae_stat(rows: list[dict]) -> str:
+    xs = [r["mae"] for r in rows]
     if not xs:
         return "–"
-    if key == "mae":
-        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-        return f"{statistics.mean(xs):.4f} ± {sd:.4f} (n={len(xs)})"
-    return f"{statistics.mean(xs):.1f}"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.4f} ± {sd:.4f} (n={len(xs)})"
 
 
 def table(root: Path) -> str:
@@ -113,7 +111,7 @@ def table(root: Path) -> str:
             epochs = "/".join(sorted({str(r["epochs"]) for r in rows})) or "–"
             maes = ", ".join(f"{r['mae']:.4f}" for r in rows) or "–"
             cpu = f"{statistics.mean(per_epoch):.1f}" if per_epoch else "–"
-            lines.append(f"| {name} | {label} | {epochs} | {maes} | {_stat(rows, 'mae')} | "
+            lines.append(f"| {name} | {label} | {epochs} | {maes} | {_mae_stat(rows)} | "
                          f"{ratio if first else ''} | {cpu} |")
     return "\n".join(lines)
 
