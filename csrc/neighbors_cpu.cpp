@@ -625,6 +625,33 @@ void check_compact(bool ok) {
   TORCH_CHECK_VALUE(ok, "compact output: a shift does not fit in int8 (use compact=False)");
 }
 
+// The output's arrays as (i, j, shift) tensors; the tensors take the blocks over.
+template <class I, class Sh>
+Triple as_tensors(OutBuf<I, Sh>& o, const at::TensorOptions& opts) {
+  const auto it = opts.dtype(Types<I, Sh>::index_type());
+  const auto sto = opts.dtype(Types<I, Sh>::shift_type());
+  const int64_t E = o.n;
+  if (E == 0) return {at::empty({0}, it), at::empty({0}, it), at::empty({0, 3}, sto)};
+  at::Tensor ti, tj, ts;
+  if (o.pooled) {
+    ti = pooled_tensor(o.i, o.ki, {E}, it);
+    o.i = nullptr;
+    tj = pooled_tensor(o.j, o.kj, {E}, it);
+    o.j = nullptr;
+    ts = pooled_tensor(o.s, o.ks, {E, 3}, sto);
+    o.s = nullptr;
+  } else {
+    auto freer = [](void* p) { std::free(p); };
+    ti = at::from_blob(o.i, {E}, freer, it);
+    o.i = nullptr;
+    tj = at::from_blob(o.j, {E}, freer, it);
+    o.j = nullptr;
+    ts = at::from_blob(o.s, {E, 3}, freer, sto);
+    o.s = nullptr;
+  }
+  return {ti, tj, ts};
+}
+
 // Whole structures per task (many small structures, or any call too small to be worth threads): the
 // working set of a structure stays in cache and the output grows in place.
 template <class I, class Sh>
@@ -648,14 +675,18 @@ Triple by_structure(const std::vector<Structure>& st, const double* W, const int
     for (int64_t q = 1; q <= ntasks; ++q) lo[q] = std::max(lo[q], lo[q - 1]);
     lo[ntasks] = B;
   }
-  // every task's output starts in a recycled block (BlockCache) sized by its estimate
+  // Every task's output starts in a recycled block (BlockCache) sized by its estimate; task 0's is
+  // sized for the whole call, because it becomes the output and the other tasks append to it.
   std::vector<OutBuf<I, Sh>> out(ntasks);
+  double total = 0;
   for (int64_t t = 0; t < ntasks; ++t) {
     double e = 0;
     for (int64_t b = lo[t]; b < lo[t + 1]; ++b) e += sexp[b];
     out[t].pooled = true;
     out[t].hint = static_cast<int64_t>(e * 1.3) + 256;
+    total += e;
   }
+  out[0].hint = static_cast<int64_t>(total * 1.3) + 256;
   auto run = [&](int64_t t) {
     // Scratch survives across calls (one per thread): no large malloc per call.
     static thread_local Scratch X;
@@ -681,47 +712,25 @@ Triple by_structure(const std::vector<Structure>& st, const double* W, const int
     });
   }
   for (const auto& o : out) check_compact(o.ok);
-  const auto it = opts.dtype(Types<I, Sh>::index_type());
-  const auto sto = opts.dtype(Types<I, Sh>::shift_type());
-  if (ntasks == 1) {
-    OutBuf<I, Sh>& o = out[0];
-    const int64_t E = o.n;
-    if (E == 0) return {at::empty({0}, it), at::empty({0}, it), at::empty({0, 3}, sto)};
-    if (o.pooled) {
-      at::Tensor ti = pooled_tensor(o.i, o.ki, {E}, it);
-      o.i = nullptr;
-      at::Tensor tj = pooled_tensor(o.j, o.kj, {E}, it);
-      o.j = nullptr;
-      at::Tensor ts = pooled_tensor(o.s, o.ks, {E, 3}, sto);
-      o.s = nullptr;
-      return {ti, tj, ts};
-    }
-    auto freer = [](void* p) { std::free(p); };
-    at::Tensor ti = at::from_blob(o.i, {E}, freer, it);
-    o.i = nullptr;
-    at::Tensor tj = at::from_blob(o.j, {E}, freer, it);
-    o.j = nullptr;
-    at::Tensor ts = at::from_blob(o.s, {E, 3}, freer, sto);
-    o.s = nullptr;
-    return {ti, tj, ts};
-  }
   std::vector<int64_t> off(ntasks + 1, 0);
   for (int64_t t = 0; t < ntasks; ++t) off[t + 1] = off[t] + out[t].n;
-  const int64_t E = off[ntasks];
-  at::Tensor ti = pooled_empty(E, 1, sizeof(I), it), tj = pooled_empty(E, 1, sizeof(I), it);
-  at::Tensor ts = pooled_empty(E, 3, sizeof(Sh), sto);
-  I* pi = static_cast<I*>(ti.data_ptr());
-  I* pj = static_cast<I*>(tj.data_ptr());
-  Sh* ps = static_cast<Sh*>(ts.data_ptr());
-  at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      if (!out[t].n) continue;
-      std::memcpy(pi + off[t], out[t].i, sizeof(I) * out[t].n);
-      std::memcpy(pj + off[t], out[t].j, sizeof(I) * out[t].n);
-      std::memcpy(ps + 3 * off[t], out[t].s, 3 * sizeof(Sh) * out[t].n);
-    }
-  });
-  return {ti, tj, ts};
+  OutBuf<I, Sh>& o = out[0];
+  o.grow(off[ntasks] - o.n);  // a no-op unless the estimate was short
+  auto append = [&](int64_t t) {
+    if (!out[t].n) return;
+    std::memcpy(o.i + off[t], out[t].i, sizeof(I) * out[t].n);
+    std::memcpy(o.j + off[t], out[t].j, sizeof(I) * out[t].n);
+    std::memcpy(o.s + 3 * off[t], out[t].s, 3 * sizeof(Sh) * out[t].n);
+  };
+  if (ntasks <= 2) {
+    for (int64_t t = 1; t < ntasks; ++t) append(t);
+  } else {
+    at::parallel_for(1, ntasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) append(t);
+    });
+  }
+  o.n = off[ntasks];
+  return as_tensors(o, opts);
 }
 
 // Atoms per task (a few large structures): chunks of atoms search independently into their own hit
@@ -885,10 +894,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neighbor_list_cpu(
     max_work = std::max(max_work, swork[b]);
   }
   const int64_t nthreads = at::get_num_threads();
-  const bool serial = nthreads == 1 || work <= 2e5;
+  // A work unit is ~10 ns (a 64-structure MP batch at 8 Å: ~1.7e5 units, 1.5 ms on one thread): calls
+  // under ~0.2 ms stay on one thread. (At 2e5, most MP batches ran serially: 1.5x slower.)
+  const bool serial = nthreads == 1 || work <= 2e4;
   const auto opts = pos_in.options();
   const bool whole = serial || (B >= 4 * nthreads && max_work * 2 * nthreads <= work);
-  const int64_t ntasks = serial ? 1 : std::min<int64_t>(B, 4 * nthreads);
+  // at::parallel_for hands each thread one contiguous range of tasks, so one task per thread balances
+  // as well as more would
+  const int64_t ntasks = serial ? 1 : std::min<int64_t>(B, nthreads);
   if (compact) {
     if (whole)
       return by_structure<int32_t, int8_t>(st, W.data(), O.data(), swork, sexp, ntasks, cutoff, kcap, opts);

@@ -11,7 +11,7 @@ import torch
 from torch_geometric.data import Batch
 
 from _data_fixtures import mp_records, write_json
-from uae_dist.data import CrystalGraphDataset, DistributedAtomBatchSampler, collate
+from uae_dist.data import CrystalGraphDataset, DistributedAtomBatchSampler, GraphLoader, collate
 from uae_dist.data import dataset as dataset_mod
 from uae_dist.data.build import build_lmdb
 from uae_dist.data.integrity import DataError
@@ -101,6 +101,47 @@ def test_batched_loader_equals_per_item_collation(built, narrow, workers, monkey
         assert edges == full
 
 
+@pytest.mark.parametrize("narrow", list(NARROW))
+def test_graph_loader_workers_hand_batches_over_in_shared_slots(built, narrow):
+    """Batches streamed from 2 workers through the shared slots equal the per-item collation,
+    each one in a slot while it is alive; a consumer that keeps every batch exhausts the slots and
+    the rest arrive packed, still equal; dropping them frees the slots."""
+    kw = NARROW[narrow]
+    ds = BatchedOnly(built, split=None, **kw)
+    ref = CrystalGraphDataset(built, split=None, **kw)
+    sampler = DistributedAtomBatchSampler(ds.natoms, max_atoms=80, seed=5)
+    batches = list(sampler)
+    want = reference(ref, batches)
+    dl = GraphLoader(ds, sampler, num_workers=2)
+    n = 0
+    for g, w in zip(dl, want):
+        assert_same_batch(g, w)
+        ring = dl._ring
+        assert len(ring.held) >= 1, "the batch in hand is not in a shared slot"
+        n += 1
+    assert n == len(batches) > ring.nslots  # slots were reused
+    del g, w
+    assert not ring.held
+    got = list(dl)  # every batch kept alive
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert_same_batch(g, w)
+    assert dl._ring is ring and len(ring.held) == ring.nslots  # all taken, the others packed
+    del got, g, w
+    assert not ring.held and not ring.state.any()
+
+
+def test_graph_loader_without_workers_or_fork_is_a_plain_loader(built):
+    ds = CrystalGraphDataset(built, split=None, dtype=torch.float64)
+    batches = [[0, 1, 2], [3, 4], [5]]
+    want = reference(ds, batches)
+    for dl in (GraphLoader(ds, batches),
+               GraphLoader(ds, batches, num_workers=2, multiprocessing_context="spawn")):
+        got = list(dl)
+        for g, w in zip(got, want):
+            assert_same_batch(g, w)
+
+
 def test_float64_and_negative_indices_match_too(built):
     ds = CrystalGraphDataset(built, split="train", dtype=torch.float64, cutoff=5.0)
     idx = [-1, 0, 7, -5, 3]
@@ -153,8 +194,10 @@ def _garbled_header(root, rid):
 
 @pytest.mark.parametrize("damage,message", [(_nan_coordinate, "pos has NaN"),
                                             (_garbled_header, "cannot decode it")])
-@pytest.mark.parametrize("workers", [0, 2])
-def test_damaged_record_in_a_batch_raises_naming_it(built, tmp_path, damage, message, workers):
+@pytest.mark.parametrize("workers,loader",
+                         [(0, "DataLoader"), (2, "DataLoader"), (2, "GraphLoader")])
+def test_damaged_record_in_a_batch_raises_naming_it(built, tmp_path, damage, message, workers,
+                                                    loader):
     root = tmp_path / "copy"
     shutil.copytree(built, root)
     rid = json.loads((root / "split.json").read_text())["train"][4]
@@ -163,8 +206,11 @@ def test_damaged_record_in_a_batch_raises_naming_it(built, tmp_path, damage, mes
     k = ds.ids.index(rid)
     others = [j for j in range(len(ds)) if j != k][:6]
     bad = others[:3] + [k] + others[3:]
-    dl = torch.utils.data.DataLoader(ds, batch_sampler=[others, bad], collate_fn=collate,
-                                     num_workers=workers)
+    if loader == "GraphLoader":
+        dl = GraphLoader(ds, [others, bad], num_workers=workers)
+    else:
+        dl = torch.utils.data.DataLoader(ds, batch_sampler=[others, bad], collate_fn=collate,
+                                         num_workers=workers)
     with pytest.raises(DataError, match=rf"record '{rid}' in .*{message}"):
         list(dl)
     assert collate(ds.__getitems__(others)).num_graphs == len(others)  # the rest still reads

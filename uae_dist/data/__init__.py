@@ -4,7 +4,7 @@ Torch-based names load lazily so that the data CLI (build/verify/info) starts wi
 """
 _LAZY = {
     "CrystalGraphDataset": "dataset", "collate": "dataset", "load_manifest": "dataset",
-    "DistributedAtomBatchSampler": "sampler", "build_lmdb": "build", "open_source": "sources",
+    "GraphLoader": "loader", "DistributedAtomBatchSampler": "sampler", "build_lmdb": "build", "open_source": "sources",
 }
 
 __all__ = list(_LAZY)

@@ -19,34 +19,64 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch, Data
 
+NP_FLOAT = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 # Data's own order (edge_index, y, pos first), which Batch.from_data_list keeps
 FIELDS = ("edge_index", "y", "pos", "z", "frac", "cell", "pbc", "shift", "natoms", "idx")
 _ALIGN = 64
 
 
-def tensors(a: dict, idx, dtype: torch.dtype) -> dict:
-    """Every tensor of the Batch of the arrays ``a`` (see ``batched.assemble``; ``i``/``j`` or a
-    ready ``edge_index``)."""
-    natoms, nedges = a["natoms"].astype(np.int64), a["nedges"]
-    nb = len(natoms)
-    t = torch.from_numpy
+def arrays(a: dict, idx, f, take=None) -> dict:
+    """Every array of the Batch of the arrays ``a`` (see ``batched.assemble``; ``i``/``j`` or a
+    ready ``edge_index``), floats as ``f`` (a NumPy dtype). ``take(shape, dtype)`` gives the
+    memory each array is written into (a worker's shared slot, :mod:`.ring`); without it, fields
+    already of the right dtype are used as they are."""
+    natoms, nedges = a["natoms"].astype(np.int64, copy=False), a["nedges"]
+    nb, n = len(natoms), len(a["z"])
+
+    def place(x, dt):
+        x = np.asarray(x)
+        if take is None:
+            return x.astype(dt, copy=False)
+        out = take(x.shape, dt)
+        np.copyto(out, x, casting="unsafe")
+        return out
+
+    new = take or (lambda shape, dt: np.empty(shape, dt))
     edge_index = a.get("edge_index")
-    if edge_index is None:
-        edge_index = np.empty((2, len(a["i"])), dtype=np.int64)
-        edge_index[0], edge_index[1] = a["i"], a["j"]
-    ptr = np.zeros(nb + 1, dtype=np.int64)
+    if edge_index is None or take is not None:
+        ei = new((2, len(a["j"])), np.int64)
+        if edge_index is None:
+            ei[0], ei[1] = a["i"], a["j"]
+        else:
+            ei[...] = edge_index
+        edge_index = ei
+    ptr, ecum = new((nb + 1,), np.int64), new((nb + 1,), np.int64)
+    ptr[0] = ecum[0] = 0
     np.cumsum(natoms, out=ptr[1:])
-    ecum = np.zeros(nb + 1, dtype=np.int64)
     np.cumsum(nedges, out=ecum[1:])
+    batch = new((n,), np.int64)
+    batch[...] = np.repeat(np.arange(nb, dtype=np.int64), natoms)
+    graphs, zeros = new((nb + 1,), np.int64), new((nb,), np.int64)
+    graphs[...] = np.arange(nb + 1)
+    zeros[...] = 0
     return {
-        "edge_index": t(edge_index), "y": t(a["y"]).to(dtype), "pos": t(a["pos"]).to(dtype),
-        "z": t(a["z"]), "frac": t(a["frac"]).to(dtype), "cell": t(a["cell"]).to(dtype),
-        "pbc": t(a["pbc"]), "shift": t(a["shift"]), "natoms": t(natoms),
-        "idx": t(np.asarray(idx, dtype=np.int64)),
-        "batch": t(np.repeat(np.arange(nb, dtype=np.int64), natoms)), "ptr": t(ptr),
-        "ecum": t(ecum), "graphs": t(np.arange(nb + 1, dtype=np.int64)),
-        "zeros": t(np.zeros(nb, dtype=np.int64)),
+        "edge_index": edge_index, "y": place(a["y"], f), "pos": place(a["pos"], f),
+        "z": place(a["z"], np.int64), "frac": place(a["frac"], f), "cell": place(a["cell"], f),
+        "pbc": place(a["pbc"], np.bool_), "shift": place(a["shift"], np.int64),
+        "natoms": place(natoms, np.int64), "idx": place(np.asarray(idx, dtype=np.int64), np.int64),
+        "batch": batch, "ptr": ptr, "ecum": ecum, "graphs": graphs, "zeros": zeros,
     }
+
+
+def tensors(a: dict, idx, dtype: torch.dtype) -> dict:
+    """:func:`arrays` as tensors of the batch dtype (``torch.from_numpy``: no copies)."""
+    if dtype in (torch.float32, torch.float64):
+        return {k: torch.from_numpy(v) for k, v in arrays(a, idx, NP_FLOAT[dtype]).items()}
+    # others (bfloat16, which NumPy lacks; float16) cast by torch, as the per-item path does
+    out = {k: torch.from_numpy(v) for k, v in arrays(a, idx, np.float64).items()}
+    for k in ("y", "pos", "frac", "cell"):
+        out[k] = out[k].to(dtype)
+    return out
 
 
 def make_batch(ts: dict, ids: list) -> Batch:
@@ -72,12 +102,9 @@ def make_batch(ts: dict, ids: list) -> Batch:
 
 def to_batch(a: dict, ids: list, idx, dtype: torch.dtype):
     """The Batch; in a DataLoader worker its :class:`Packed` form (which unpickles as it)."""
-    if torch.utils.data.get_worker_info() is not None and dtype in _NP_FLOAT:
+    if torch.utils.data.get_worker_info() is not None and dtype in NP_FLOAT:
         return Packed.of(a, ids, idx, dtype)
     return make_batch(tensors(a, idx, dtype), ids)
-
-
-_NP_FLOAT = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 
 class Packed:
@@ -91,7 +118,7 @@ class Packed:
 
     @classmethod
     def of(cls, a: dict, ids: list, idx, dtype: torch.dtype) -> "Packed":
-        f = _NP_FLOAT[dtype]
+        f = NP_FLOAT[dtype]
         n = len(a["z"])
         arrays = {
             "counts": np.bincount(a["i"], minlength=n),  # i is sorted: counts give it back

@@ -29,6 +29,7 @@ from torch_geometric.data import Batch, Data
 from . import lmdb_store as store
 from .batched import Slow, assemble, narrow, parse
 from .collated import Packed, to_batch
+from .ring import RingBatch, forking_ring
 from .graph import SCHEMA_VERSION, decode_record
 from .integrity import DataError, check_manifest_records, check_record, check_shard_file, \
     check_split, rebuild_hint
@@ -218,14 +219,17 @@ class CrystalGraphDataset(torch.utils.data.Dataset):
                                           for b, k, p, i in zip(blobs, ks, paths, indices)])]
         if self.cutoff is not None or self.max_neighbors is not None:
             a = narrow(a, self.cutoff, self.max_neighbors)
-        return [to_batch(a, [self.ids[k] for k in ks], indices, self.dtype)]
+        ids = [self.ids[k] for k in ks]
+        ring = forking_ring()  # in a GraphLoader's worker: into a shared slot if one is free
+        shared = ring.put(a, ids, indices, self.dtype) if ring is not None else None
+        return [shared if shared is not None else to_batch(a, ids, indices, self.dtype)]
 
 
 def collate(items: list) -> Batch:
     """A list of ``Data`` (per-item fetch) or ``__getitems__``'s one-element list of a ready
     ``Batch`` (in a DataLoader worker: its :class:`~.collated.Packed` form)."""
-    if len(items) == 1 and isinstance(items[0], Batch):
-        return items[0]
+    if len(items) == 1 and isinstance(items[0], (Batch, RingBatch)):
+        return items[0]  # a RingBatch only exists in a worker, which sends it as it is
     if len(items) == 1 and isinstance(items[0], Packed):  # from a worker's __getitems__
         # sent as is from a worker (it unpickles as the Batch), unpacked anywhere else
         return items[0] if torch.utils.data.get_worker_info() is not None else items[0].batch()

@@ -126,16 +126,21 @@ def train_sampler(cfg: C.Config, ds, rank: int, world: int):
 
 
 def train_loader(cfg: C.Config, ds, sampler) -> DataLoader:
-    from uae_dist.data import collate
+    from uae_dist.data import GraphLoader
 
-    return DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
-                      num_workers=cfg.data.num_workers,
-                      generator=torch.Generator().manual_seed(cfg.train.seed))
+    return GraphLoader(ds, sampler, num_workers=cfg.data.num_workers,
+                       pin_memory=_pin(cfg),
+                       generator=torch.Generator().manual_seed(cfg.train.seed))
+
+
+def _pin(cfg: C.Config) -> bool:
+    # page-locked batches let the host-to-GPU copy overlap the step (batch.to(non_blocking=True))
+    return cfg.data.num_workers > 0 and torch.cuda.is_available()
 
 
 def eval_loader(cfg: C.Config, ds, rank: int, world: int) -> DataLoader:
     """Every structure once, on one rank; batches twice the training cap unless set."""
-    from uae_dist.data import collate
+    from uae_dist.data import GraphLoader
     from uae_dist.data.sampler import eval_batches
 
     dc = cfg.data
@@ -144,5 +149,4 @@ def eval_loader(cfg: C.Config, ds, rank: int, world: int) -> DataLoader:
     batches = eval_batches(ds.natoms, world, rank, nedges=ds.nedges, max_atoms=cap_atoms,
                            max_edges=2 * dc.max_edges if dc.max_edges else None,
                            max_structures=cap_structures)
-    return DataLoader(ds, batch_sampler=batches, collate_fn=collate,
-                      num_workers=cfg.data.num_workers)
+    return GraphLoader(ds, batches, num_workers=cfg.data.num_workers, pin_memory=_pin(cfg))

@@ -23,7 +23,7 @@ def predict(engine, loader, normalizer, cols: list[int], device) -> dict:
     module.eval()
     ids, ys, preds = [], [], []
     for batch in loader:
-        batch = batch.to(device)
+        batch = batch.to(device, non_blocking=True)
         preds.append(normalizer.denorm(engine(batch).float()).cpu().numpy())
         ys.append(batch.y[:, cols].double().cpu().numpy())
         ids.extend(batch.id)

@@ -46,7 +46,7 @@ def train_step(run: Session, window: list, counts: torch.Tensor) -> torch.Tensor
     stats = torch.zeros(t + 4, dtype=torch.float64)
     run.bad_ids = []
     for batch in window:
-        batch = batch.to(run.device)
+        batch = batch.to(run.device, non_blocking=True)  # pinned (GPU, workers): overlaps
         pred = engine(batch).float()
         share, per_t = step_loss(pred, run.normalizer.norm(batch.y[:, cols]), counts,
                                  run.cfg.train.loss)
