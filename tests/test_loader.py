@@ -214,3 +214,27 @@ def test_damaged_record_in_a_batch_raises_naming_it(built, tmp_path, damage, mes
     with pytest.raises(DataError, match=rf"record '{rid}' in .*{message}"):
         list(dl)
     assert collate(ds.__getitems__(others)).num_graphs == len(others)  # the rest still reads
+
+
+def test_graph_loader_ring_lives_with_its_iterator_and_batches(built):
+    """A loader dropped while its iterator runs keeps its slots mapped until the last batch dies;
+    then the ring is gone (no mapping left behind per epoch)."""
+    import gc
+
+    from uae_dist.data import ring as ring_mod
+
+    ds = CrystalGraphDataset(built, split=None)
+    batches = list(DistributedAtomBatchSampler(ds.natoms, max_atoms=80, seed=1))
+    before = set(ring_mod._RINGS)
+    it = iter(GraphLoader(ds, batches, num_workers=2))  # the loader itself is dropped here
+    gc.collect()
+    first = next(it)
+    rest = [b.num_graphs for b in it]
+    assert first.num_graphs + sum(rest) == len(ds)
+    assert len(set(ring_mod._RINGS) - before) == 1
+    del it
+    gc.collect()
+    assert len(set(ring_mod._RINGS) - before) == 1  # `first` still lives in a slot
+    del first
+    gc.collect()
+    assert set(ring_mod._RINGS) == before

@@ -3,7 +3,7 @@ memory."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import sys
 
 import numpy as np
 from torch.utils.data import DataLoader
@@ -24,8 +24,7 @@ class _WorkerInit:
         self.fn = fn
 
     def __call__(self, worker_id: int):
-        name = ctypes.util.find_library("c")
-        libc = ctypes.CDLL(name) if name else None
+        libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # glibc's symbols
         if libc is not None and hasattr(libc, "mallopt"):
             libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
             libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest
@@ -63,9 +62,11 @@ class GraphLoader(DataLoader):
         ring.reset()
         R._FORKING = ring  # the workers forked next inherit it
         try:
-            return super().__iter__()
+            it = super().__iter__()
         finally:
             R._FORKING = None
+        it._uae_ring = ring  # alive while the iterator is, even if the loader is not
+        return it
 
     def _ring_for_epoch(self):
         bs = self.batch_sampler
@@ -83,7 +84,5 @@ class GraphLoader(DataLoader):
         r = self._ring
         if r is None or r.slot_bytes < need or r.workers != self.num_workers \
                 or r.per_worker != per_worker:
-            if r is not None:
-                r.retire()
             self._ring = R.BatchRing(self.num_workers, per_worker, int(need * HEADROOM))
         return self._ring

@@ -29,7 +29,9 @@ from .collated import NP_FLOAT, arrays, make_batch
 
 _ALIGN = 64
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if os.uname().sysname == "Linux" else 0)
-_RINGS: dict = {}  # token -> ring, in the process that mapped it
+# token -> ring, in the process that mapped it; a ring lives while its loader, an iterator of it or
+# one of its batches does (each slot's finalizer holds it)
+_RINGS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _TOKENS = itertools.count()
 _FORKING = None  # the ring a GraphLoader's workers inherit while it forks them
 
@@ -58,7 +60,6 @@ class BatchRing:
                             flags=mmap.MAP_SHARED | _MAP_NORESERVE)
         self.state = np.frombuffer(self.mm, np.uint8, self.nslots)
         self.held: set = set()  # slots whose Batch is alive in this (the owning) process
-        self.retired = False
         self.owner = os.getpid()
         self.token = (self.owner, next(_TOKENS))
         _RINGS[self.token] = self
@@ -117,14 +118,6 @@ class BatchRing:
     def _release(self, slot: int) -> None:
         self.held.discard(slot)
         self.state[slot] = 0
-        if self.retired and not self.held:
-            _RINGS.pop(self.token, None)
-
-    def retire(self) -> None:
-        """No more workers will write here: forget the ring once its last Batch dies."""
-        self.retired = True
-        if not self.held:
-            _RINGS.pop(self.token, None)
 
 
 def _detached():
