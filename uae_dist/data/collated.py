@@ -43,13 +43,11 @@ def arrays(a: dict, idx, f, take=None) -> dict:
 
     new = take or (lambda shape, dt: np.empty(shape, dt))
     edge_index = a.get("edge_index")
-    if edge_index is None or take is not None:
-        ei = new((2, len(a["j"])), np.int64)
-        if edge_index is None:
-            ei[0], ei[1] = a["i"], a["j"]
-        else:
-            ei[...] = edge_index
-        edge_index = ei
+    if edge_index is None:
+        edge_index = new((2, len(a["j"])), np.int64)
+        edge_index[0], edge_index[1] = a["i"], a["j"]
+    else:
+        edge_index = place(edge_index, np.int64)
     ptr, ecum = new((nb + 1,), np.int64), new((nb + 1,), np.int64)
     ptr[0] = ecum[0] = 0
     np.cumsum(natoms, out=ptr[1:])
@@ -131,16 +129,15 @@ class Packed:
         layout, off = [], 0
         for k, v in arrays.items():
             layout.append((k, v.dtype.str, v.shape, off))
-            off += -(-v.nbytes // _ALIGN) * _ALIGN
+            off += aligned(v.nbytes)
         packed = cls(bytearray(off), layout, list(ids), dtype)
         for k, dst in packed.views().items():
             np.copyto(dst, arrays[k])
         return packed
 
     def views(self) -> dict:
-        raw = np.frombuffer(self.buf, dtype=np.uint8)  # writable: the buffer is a bytearray
-        return {k: raw[off:off + int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize]
-                .view(dt).reshape(shape) for k, dt, shape, off in self.layout}
+        # writable: the buffer is a bytearray
+        return layout_views(np.frombuffer(self.buf, dtype=np.uint8), self.layout)
 
     def batch(self) -> Batch:
         v = self.views()
@@ -158,6 +155,17 @@ class Packed:
 
 def _unpack(buf, layout, ids, dtype) -> Batch:
     return Packed(buf, layout, ids, dtype).batch()
+
+
+def aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to the alignment of every array in a packed buffer or a slot."""
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def layout_views(raw: np.ndarray, layout: list) -> dict:
+    """The arrays ``(name, dtype str, shape, byte offset)`` of ``layout`` as views of ``raw``."""
+    return {k: raw[off:off + int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize]
+            .view(dt).reshape(shape) for k, dt, shape, off in layout}
 
 
 def _smallest(a: np.ndarray) -> np.ndarray:

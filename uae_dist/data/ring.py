@@ -25,9 +25,8 @@ import weakref
 import numpy as np
 import torch
 
-from .collated import NP_FLOAT, arrays, make_batch
+from .collated import NP_FLOAT, aligned, arrays, layout_views, make_batch
 
-_ALIGN = 64
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if os.uname().sysname == "Linux" else 0)
 # token -> ring, in the process that mapped it; a ring lives while its loader, an iterator of it or
 # one of its batches does (each slot's finalizer holds it)
@@ -40,7 +39,7 @@ def batch_bytes(atoms, edges, graphs, targets: int, float_bytes: int):
     """Upper bound on the bytes of a Batch's arrays (:func:`~.collated.arrays`) in a slot."""
     per_atom = 16 + 6 * float_bytes  # z, batch; pos, frac
     per_graph = 8 * 7 + 3 + (9 + targets) * float_bytes  # natoms idx ptr ecum graphs zeros; pbc
-    return 40 * edges + per_atom * atoms + per_graph * graphs + 24 * _ALIGN
+    return 40 * edges + per_atom * atoms + per_graph * graphs + 24 * aligned(1)  # gaps, ≤ 1 per array
 
 
 class _Full(Exception):
@@ -95,7 +94,7 @@ class BatchRing:
             off = used[0]
             if off + nbytes > self.slot_bytes:
                 raise _Full
-            used[0] = off + -(-nbytes // _ALIGN) * _ALIGN
+            used[0] = off + aligned(nbytes)
             return raw[off:off + nbytes].view(dt).reshape(shape)
 
         try:
@@ -112,8 +111,7 @@ class BatchRing:
         root = np.frombuffer(self.mm, np.uint8, self.slot_bytes, self.head + slot * self.slot_bytes)
         self.held.add(slot)
         weakref.finalize(root, self._release, slot)
-        return {k: root[off:off + int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize]
-                .view(dt).reshape(shape) for k, dt, shape, off in layout}
+        return layout_views(root, layout)
 
     def _release(self, slot: int) -> None:
         self.held.discard(slot)
