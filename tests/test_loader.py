@@ -225,6 +225,7 @@ def test_graph_loader_ring_lives_with_its_iterator_and_batches(built):
 
     ds = CrystalGraphDataset(built, split=None)
     batches = list(DistributedAtomBatchSampler(ds.natoms, max_atoms=80, seed=1))
+    gc.collect()  # rings of earlier tests' loaders left in reference cycles (tracebacks)
     before = set(ring_mod._RINGS)
     it = iter(GraphLoader(ds, batches, num_workers=2))  # the loader itself is dropped here
     gc.collect()
@@ -238,3 +239,52 @@ def test_graph_loader_ring_lives_with_its_iterator_and_batches(built):
     del first
     gc.collect()
     assert set(ring_mod._RINGS) == before
+
+
+def _worker_info_ids(batch):
+    info = torch.utils.data.get_worker_info()
+    assert info is not None and info.num_workers == 2
+    return info.id, len(batch)
+
+
+def test_own_workers_take_batches_in_turn_and_see_worker_info(built):
+    """Worker ``w`` of 2 loads batches ``w, w + 2, …`` (order kept, no reordering) and sees
+    ``get_worker_info()`` as under torch's DataLoader."""
+    ds = CrystalGraphDataset(built, split=None)
+    batches = [[k] for k in range(9)]
+    got = list(GraphLoader(ds, batches, num_workers=2, collate_fn=_worker_info_ids))
+    assert got == [(k % 2, 1) for k in range(9)]
+
+
+def _fail_init(wid):
+    raise ValueError(f"init of worker {wid} failed")
+
+
+def test_own_workers_report_errors_and_deaths_and_stop_when_dropped(built):
+    import os
+    import signal
+
+    from uae_dist.data.workers import SlotWorkersIter
+
+    ds = CrystalGraphDataset(built, split=None)
+    batches = list(DistributedAtomBatchSampler(ds.natoms, max_atoms=40, seed=2))
+    with pytest.raises(ValueError, match="init of worker 0 failed"):
+        list(GraphLoader(ds, batches, num_workers=2, worker_init_fn=_fail_init))
+
+    it = iter(GraphLoader(ds, batches, num_workers=2))
+    assert isinstance(it, SlotWorkersIter)
+    next(it)
+    procs = list(it._procs)
+    it.close()  # dropped early: the workers end, none is left behind
+    assert all(not p.is_alive() for p in procs)
+    with pytest.raises(StopIteration):
+        next(it)
+
+    it = iter(GraphLoader(ds, batches, num_workers=2))
+    next(it)
+    os.kill(it._procs[1].pid, signal.SIGKILL)
+    it._procs[1].join()
+    with pytest.raises(RuntimeError, match=r"worker 1 \(pid \d+\) .*exit code -9"):
+        for _ in it:
+            pass
+    assert all(not p.is_alive() for p in it._procs)

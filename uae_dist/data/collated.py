@@ -15,6 +15,8 @@ op waits milliseconds for a thread instead of taking microseconds.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch_geometric.data import Batch, Data
@@ -77,16 +79,19 @@ def tensors(a: dict, idx, dtype: torch.dtype) -> dict:
     return out
 
 
+_DATA_BATCH = []  # the class Batch(_base_cls=Data) makes: PyG builds it anew at every call
+
+
 def make_batch(ts: dict, ids: list) -> Batch:
-    out = Batch(_base_cls=Data)
+    if not _DATA_BATCH:
+        _DATA_BATCH.append(type(Batch(_base_cls=Data)))
+    out = type.__call__(_DATA_BATCH[0])  # Batch(_base_cls=Data) without its per-call inspection
     store = out._store
-    for k in FIELDS:
-        store[k] = ts[k]
-    store["id"] = list(ids)
+    # what store[k] = v does for a value that is not None, less PyG's per-key checks
+    store._mapping.update({k: ts[k] for k in FIELDS}, id=list(ids), num_nodes=int(ts["ptr"][-1]),
+                          batch=ts["batch"], ptr=ts["ptr"])  # from_data_list's key order
     natoms = ts["natoms"]
     store._num_nodes = natoms.tolist()
-    store.num_nodes = int(ts["ptr"][-1])
-    store.batch, store.ptr = ts["batch"], ts["ptr"]
     per_atom, per_edge, per_graph, zeros = ts["ptr"], ts["ecum"], ts["graphs"], ts["zeros"]
     keys = FIELDS + ("id",)
     out._slice_dict = {k: (per_atom if k in ("z", "pos", "frac") else
@@ -164,8 +169,19 @@ def aligned(nbytes: int) -> int:
 
 def layout_views(raw: np.ndarray, layout: list) -> dict:
     """The arrays ``(name, dtype str, shape, byte offset)`` of ``layout`` as views of ``raw``."""
-    return {k: raw[off:off + int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize]
-            .view(dt).reshape(shape) for k, dt, shape, off in layout}
+    # slices (not np.frombuffer): each view's base is ``raw``, which a slot's finalizer watches
+    return {k: raw[off:off + math.prod(shape) * _itemsize(dt)].view(dt).reshape(shape)
+            for k, dt, shape, off in layout}
+
+
+_ITEMSIZE: dict = {}
+
+
+def _itemsize(dt: str) -> int:
+    n = _ITEMSIZE.get(dt)
+    if n is None:
+        n = _ITEMSIZE[dt] = np.dtype(dt).itemsize
+    return n
 
 
 def _smallest(a: np.ndarray) -> np.ndarray:

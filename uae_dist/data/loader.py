@@ -3,6 +3,7 @@ memory."""
 from __future__ import annotations
 
 import ctypes
+import multiprocessing as mp
 import sys
 
 import numpy as np
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from . import ring as R
 from .dataset import collate
+from .workers import SlotWorkersIter
 
 HEADROOM = 1.25  # slot size over the largest batch of the epoch it was sized for
 # glibc mallopt: keep freed memory in the worker's heap (a batch's arrays are megabytes: mapped
@@ -41,8 +43,10 @@ class GraphLoader(DataLoader):
     depth + 3: the batches in flight, the one in use and the one before it), sized for the
     largest batch of the epoch's plan (``batch_sampler`` as a list, or with a ``plan()`` such as
     ``DistributedAtomBatchSampler``). Otherwise, and for any batch that does not fit, it is a
-    plain DataLoader with ``collate``: the same batches either way. Workers keep freed memory in
-    their heap (glibc ``mallopt``) before any ``worker_init_fn`` runs."""
+    plain DataLoader with ``collate``: the same batches either way. With fork, no pinned memory and
+    no persistent workers, the workers are the loader's own (:mod:`.workers`: a pipe per worker
+    instead of torch's queues); otherwise torch's. Workers keep freed memory in their heap (glibc
+    ``mallopt``) before any ``worker_init_fn`` runs."""
 
     def __init__(self, dataset, batch_sampler, *, num_workers: int = 0,
                  slots_per_worker: int | None = None, **kw):
@@ -60,6 +64,8 @@ class GraphLoader(DataLoader):
         if ring is None:
             return super().__iter__()
         ring.reset()
+        if self._own_workers():
+            return SlotWorkersIter(self, list(self.batch_sampler), ring)
         R._FORKING = ring  # the workers forked next inherit it
         try:
             it = super().__iter__()
@@ -67,6 +73,13 @@ class GraphLoader(DataLoader):
             R._FORKING = None
         it._uae_ring = ring  # alive while the iterator is, even if the loader is not
         return it
+
+    def _own_workers(self) -> bool:
+        """Our own forked workers (:mod:`.workers`) unless something asks for torch's: pinned
+        memory (its pin thread), persistent workers, a start method other than fork."""
+        ctx = self.multiprocessing_context
+        method = ctx.get_start_method() if ctx is not None else mp.get_start_method()
+        return method == "fork" and not self.pin_memory and not self.persistent_workers
 
     def _ring_for_epoch(self):
         bs = self.batch_sampler
