@@ -37,4 +37,9 @@ TORCH_LIBRARY(uae_dist, m) {
   m.def("scatter(Tensor src, Tensor index, int dim_size, str reduce, bool sorted=False) -> Tensor");
   // Softmax of src (E, ...) over the rows that share an index value.
   m.def("segment_softmax(Tensor src, Tensor index, int dim_size, bool sorted=False) -> Tensor");
+  // Lengths |pos[j] + shift @ cell - pos[i]| (E,) of stored edges, float64: pos (N,3), cell (B,3,3),
+  // i, j (E,) atom indices, shift (E,3), nedges (B,) edges per cell (edges grouped by cell). CPU only
+  // (the loader's narrowing of stored graphs); the models recompute lengths with autograd instead.
+  m.def("edge_lengths(Tensor pos, Tensor cell, Tensor i, Tensor j, Tensor shift, Tensor nedges) "
+        "-> Tensor");
 }

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from .graph import MAX_Z
+from ..ops.geometry import edge_lengths
 from ..ops.neighbors_ref import cap_mask
 
 _DT = {"U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "I8": np.int8, "I16": np.int16,
@@ -101,37 +102,12 @@ def _rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
         .view(a.dtype).reshape(-1, a.shape[1])
 
 
-_CHUNK = 16384  # edges per pass: temporaries of ~128 kB, which malloc recycles without page faults
-
-
-def _distances(pos, cell, i, j, shift, nedges) -> np.ndarray:
-    """``|pos[j] + shift @ cell - pos[i]|`` per edge, spelled out elementwise (no BLAS call, whose
-    threads spin against the loader workers; the same bits for a batch of one or many), in
-    chunks: arrays of a whole batch's edges (megabytes) are mapped fresh and page-faulted by
-    malloc at every batch, which cost more than the arithmetic."""
-    pt = np.ascontiguousarray(pos.T)  # (3, N): 1-D gathers per component
-    cell9 = np.ascontiguousarray(cell.reshape(-1, 9).T)  # (9, B): cell[k, c] at row 3k + c
-    graph = np.repeat(np.arange(len(nedges), dtype=np.intp), nedges)
-    d = np.empty(len(i))
-    for a in range(0, len(i), _CHUNK):
-        b = min(a + _CHUNK, len(i))
-        ic, jc, g = i[a:b], j[a:b], graph[a:b]
-        st = shift[a:b].T.astype(np.float64)  # (3, chunk)
-        ce = cell9[:, g]  # (9, chunk)
-        d2 = None
-        for c in range(3):
-            v = pt[c][jc] + (st[0] * ce[c] + st[1] * ce[3 + c] + st[2] * ce[6 + c]) - pt[c][ic]
-            d2 = v * v if d2 is None else d2 + v * v
-        np.sqrt(d2, out=d[a:b])
-    return d
-
-
 def narrow(a: dict, cutoff: float | None, max_neighbors: int | None) -> dict:
     """Keep the edges within ``cutoff`` and then the ``max_neighbors`` nearest of each centre,
     for a whole batch at once (``i``/``j`` global, edges graph-major). The per-item path calls
     this too (a batch of one), so both give the same edges to the last bit."""
     i, j, shift, nedges = a["i"], a["j"], a["shift"], a["nedges"]
-    d = _distances(a["pos"], a["cell"], i, j, shift, nedges)
+    d = edge_lengths(a["pos"], a["cell"], i, j, shift, nedges)
     keep = np.ones(len(d), dtype=bool) if cutoff is None else d <= cutoff
     if max_neighbors is not None:
         keep[keep] = cap_mask(i[keep], d[keep], max_neighbors)

@@ -14,6 +14,7 @@ import numpy as np
 TIE_TOL = 1e-6
 # Brute force over images is chunked so one chunk holds at most this many candidate pairs.
 _CHUNK_PAIRS = 1 << 21
+_CHUNK_EDGES = 16384  # edge_lengths_numpy: temporaries of ~128 kB, recycled without page faults
 
 
 def image_range(cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
@@ -114,3 +115,28 @@ def neighbor_list_numpy(pos, cell, pbc, cutoff: float, max_neighbors: int | None
     if return_distances:
         return i, j, s, d
     return i, j, s
+
+
+def edge_lengths_numpy(pos, cell, i, j, shift, nedges) -> np.ndarray:
+    """``|pos[j] + shift @ cell - pos[i]|`` per stored edge (float64), ``cell`` (B, 3, 3) and
+    ``nedges`` edges per cell, edges grouped by cell: the oracle and fallback of the C++ op
+    (``uae_dist.ops.geometry.edge_lengths``), which does the same arithmetic in the same order.
+
+    Spelled out elementwise (no BLAS call, whose threads spin against loader workers; the same bits
+    for a batch of one or many) and in chunks (whole-batch temporaries are megabytes that malloc
+    maps fresh and page-faults at every batch, which cost more than the arithmetic)."""
+    pt = np.ascontiguousarray(np.asarray(pos, np.float64).T)  # (3, N): 1-D gathers per component
+    cell9 = np.ascontiguousarray(np.asarray(cell, np.float64).reshape(-1, 9).T)  # row 3k+c: [k, c]
+    graph = np.repeat(np.arange(len(nedges), dtype=np.intp), nedges)
+    d = np.empty(len(i))
+    for a in range(0, len(i), _CHUNK_EDGES):
+        b = min(a + _CHUNK_EDGES, len(i))
+        ic, jc, g = i[a:b], j[a:b], graph[a:b]
+        st = shift[a:b].T.astype(np.float64)  # (3, chunk)
+        ce = cell9[:, g]  # (9, chunk)
+        d2 = None
+        for c in range(3):
+            v = pt[c][jc] + (st[0] * ce[c] + st[1] * ce[3 + c] + st[2] * ce[6 + c]) - pt[c][ic]
+            d2 = v * v if d2 is None else d2 + v * v
+        np.sqrt(d2, out=d[a:b])
+    return d
