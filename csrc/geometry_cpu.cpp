@@ -51,8 +51,8 @@ at::Tensor edge_lengths_cpu(const at::Tensor& pos_, const at::Tensor& cell_, con
     const double* c = C + 9 * g;  // row k of cell g at c[3k]
     for (const int64_t end = e + NE[g]; e < end; ++e) {
       const int64_t a = I[e], b = J[e];
-      TORCH_CHECK_INDEX(uint64_t(a) < uint64_t(N) && uint64_t(b) < uint64_t(N), "edge_lengths: edge ",
-                        e, " (", a, ", ", b, ") outside the ", N, " atoms");
+      TORCH_CHECK_INDEX(uint64_t(a) < uint64_t(N) && uint64_t(b) < uint64_t(N),
+                        "edge_lengths: edge ", e, " (", a, ", ", b, ") outside the ", N, " atoms");
       const double s0 = double(S[3 * e]), s1 = double(S[3 * e + 1]), s2 = double(S[3 * e + 2]);
       const double* pa = P + 3 * a;
       const double* pb = P + 3 * b;

@@ -156,17 +156,20 @@ def test_auto_bf16_on_gpu_lifts_zero0_to_zero1():
     cfg = load_config("finetune_cgcnn")
     assert ds_config(cfg, 1, on_gpu=False)["zero_optimization"]["stage"] == 0
     assert ds_config(cfg, 1, on_gpu=True)["zero_optimization"]["stage"] == 1
+    # the CPU pretraining default is ZeRO-0 too: bf16 asked for on a GPU gets ZeRO-1 (docs/gpu.md)
+    bf16 = load_config("pretrain", ["ds.precision=bf16"])
+    assert ds_config(bf16, 1, on_gpu=True)["zero_optimization"]["stage"] == 1
 
 
 def test_zero_buckets_are_capped_at_the_model_size():
     # DeepSpeed allocates a fresh reduce bucket every step: 5e7 elements for a 0.13 M-parameter
     # model made page faults most of a CPU step (issue 14)
-    cfg = load_config("pretrain")
+    cfg = load_config("pretrain", ["ds.config=zero1"])  # the CPU default is ZeRO-0
     z = ds_config(cfg, 2, on_gpu=False, n_params=130_001)["zero_optimization"]
     assert z["stage"] == 1 and z["reduce_bucket_size"] == z["allgather_bucket_size"] == 130_048
     big = ds_config(cfg, 2, on_gpu=False, n_params=10**9)["zero_optimization"]
     assert big["reduce_bucket_size"] == 50_000_000  # never above the shipped bucket
-    off = load_config("pretrain", ["ds.cap_buckets=false"])
+    off = load_config("pretrain", ["ds.config=zero1", "ds.cap_buckets=false"])
     assert ds_config(off, 2, False, n_params=130_000)["zero_optimization"][
         "reduce_bucket_size"] == 50_000_000
     ft = load_config("finetune_cgcnn")  # stage 0: no buckets, nothing changed

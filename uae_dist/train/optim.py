@@ -69,8 +69,9 @@ def ds_config(cfg: C.Config, world: int, on_gpu: bool, n_params: int | None = No
     d["fp16"] = {"enabled": False}
     if prec == "bf16":
         stage = d.get("zero_optimization", {}).get("stage", 0)
-        if stage == 0 and cfg.ds.precision == "auto" and cfg.ds.zero_stage is None:
-            # bf16 chosen for a GPU by default: ZeRO-1 is what fp32 accumulation needs
+        if stage == 0 and cfg.ds.zero_stage is None:
+            # bf16 (chosen for a GPU, or asked for) over a JSON's stage 0: ZeRO-1 is what fp32
+            # accumulation needs; only an explicit ds.zero_stage=0 is refused below
             d.setdefault("zero_optimization", {})["stage"] = stage = 1
         if stage not in (1, 2):
             # DeepSpeed's stage-0 bf16 path accumulates gradients in bf16 and refuses fp32
