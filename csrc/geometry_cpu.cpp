@@ -62,8 +62,8 @@ at::Tensor edge_lengths_cpu(const at::Tensor& pos_, const at::Tensor& cell_, con
       d[e] = vx * vx + vy * vy + vz * vz;
     }
   }
-  for (int64_t k = 0; k < e; ++k) d[k] = std::sqrt(d[k]);  // a separate pass: vectorised
   TORCH_CHECK_VALUE(e == E, "edge_lengths: nedges sum to ", e, ", not to the E=", E, " edges");
+  for (int64_t k = 0; k < E; ++k) d[k] = std::sqrt(d[k]);  // a separate pass: vectorised
   return out;
 }
 

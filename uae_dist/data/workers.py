@@ -30,16 +30,11 @@ import numpy as np
 import torch
 from torch._utils import ExceptionWrapper
 from torch.utils.data._utils import worker as torch_worker
+from torch.utils.data._utils.fetch import _MapDatasetFetcher
 
 from . import ring as R
 
 _POLL_S = 5.0  # how often a waiting side checks that the other one is still there
-
-
-def _fetch(dataset, batch, collate_fn):
-    # as torch's map-style fetcher: the batched __getitems__ where there is one
-    get = getattr(dataset, "__getitems__", None)
-    return collate_fn(get(batch) if get else [dataset[k] for k in batch])
 
 
 def _work(dataset, batches, wid, nw, conn, credits, stop, init_fn, collate_fn, base_seed, parent):
@@ -58,6 +53,7 @@ def _work(dataset, batches, wid, nw, conn, credits, stop, init_fn, collate_fn, b
     except Exception:  # noqa: BLE001 - reported to the main process in place of the first batch
         conn.send(ExceptionWrapper(where=f"in GraphLoader worker process {wid}"))
         return
+    fetcher = _MapDatasetFetcher(dataset, True, collate_fn, False)  # torch's: __getitems__ first
     try:
         for k in range(wid, len(batches), nw):
             while not credits.acquire(timeout=_POLL_S):
@@ -66,7 +62,7 @@ def _work(dataset, batches, wid, nw, conn, credits, stop, init_fn, collate_fn, b
             if stop.is_set():
                 return
             try:
-                out = _fetch(dataset, batches[k], collate_fn)
+                out = fetcher.fetch(batches[k])
             except Exception:  # noqa: BLE001 - raised in the main process, in order
                 out = ExceptionWrapper(where=f"in GraphLoader worker process {wid}")
             conn.send(out)
