@@ -288,3 +288,25 @@ def test_own_workers_report_errors_and_deaths_and_stop_when_dropped(built):
         for _ in it:
             pass
     assert all(not p.is_alive() for p in it._procs)
+
+
+def test_slot_writer_hands_out_its_own_memory_in_order():
+    """A SlotWriter's arrays lie in its slot, one after the other and aligned; past the slot's end
+    it raises SlotFull (the batch then goes packed); cancel gives the slot back."""
+    from uae_dist.data.ring import BatchRing, SlotFull, SlotWriter
+
+    ring = BatchRing(workers=1, per_worker=2, slot_bytes=4096)
+    ring.state[1] = 1
+    w = SlotWriter(ring, 1)
+    e = w.take((2, 100), np.int64)
+    s = w.take((100, 3), np.int8)
+    assert w.owns(e) and w.owns(s) and not w.owns(np.zeros(3))
+    assert s.__array_interface__["data"][0] >= e.__array_interface__["data"][0] + e.nbytes
+    e[:] = 7
+    assert np.frombuffer(ring.mm, np.int64, 200, ring.head + ring.slot_bytes).max() == 7
+    other = SlotWriter(ring, 0).take((4,), np.int64)
+    assert not w.owns(other)
+    with pytest.raises(SlotFull):
+        w.take((4096,), np.uint8)
+    w.cancel()
+    assert ring.state[1] == 0

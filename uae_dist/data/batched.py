@@ -24,9 +24,9 @@ from ..ops.neighbors_ref import cap_mask
 
 _DT = {"U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "I8": np.int8, "I16": np.int16,
        "I32": np.int32, "I64": np.int64, "F64": np.float64}
-_FIXED = {"z": "U8", "pos": "F64", "frac": "F64", "cell": "F64", "pbc": "U8", "y": "F64"}
-_INTS = ("nbr_count", "j", "shift")
-_FIELDS = frozenset(_FIXED) | frozenset(_INTS) | {"__metadata__"}
+_SIZE = {k: np.dtype(v).itemsize for k, v in _DT.items()}
+_FIELDS = frozenset(("z", "pos", "frac", "cell", "pbc", "y", "nbr_count", "j", "shift",
+                     "__metadata__"))
 
 
 class Slow(Exception):
@@ -41,18 +41,20 @@ def parse(blob: bytes, rid: str, n: int, e: int, t: int) -> dict:
         h = json.loads(blob[8:8 + hlen])
         if h.keys() != _FIELDS or h["__metadata__"].get("id") != rid:
             raise Slow
-        shapes = {"z": [n], "pos": [n, 3], "frac": [n, 3], "cell": [3, 3], "pbc": [3], "y": [t],
-                  "nbr_count": [n], "j": [e], "shift": [e, 3]}
-        base, out = 8 + hlen, {}
-        for name, shape in shapes.items():
+        base, size, out = 8 + hlen, len(blob), {}
+        for name, want, shape in (("z", "U8", [n]), ("pos", "F64", [n, 3]),
+                                  ("frac", "F64", [n, 3]), ("cell", "F64", [3, 3]),
+                                  ("pbc", "U8", [3]), ("y", "F64", [t]),
+                                  ("nbr_count", None, [n]), ("j", None, [e]),
+                                  ("shift", None, [e, 3])):
             info = h[name]
-            dt = _DT[info["dtype"]]
-            (b, end), count = info["data_offsets"], math.prod(shape)
-            want = _FIXED.get(name)
-            if (info["shape"] != shape or (want is not None and info["dtype"] != want)
-                    or end - b != count * dt().itemsize or base + end > len(blob)):
+            dt = info["dtype"]
+            b, end = info["data_offsets"]
+            count = shape[0] * shape[1] if len(shape) == 2 else shape[0]
+            if (info["shape"] != shape or (want is not None and dt != want)
+                    or end - b != count * _SIZE[dt] or base + end > size):
                 raise Slow
-            out[name] = np.frombuffer(blob, dt, count, base + b)
+            out[name] = np.frombuffer(blob, _DT[dt], count, base + b)
         return out
     except Slow:
         raise
@@ -65,55 +67,70 @@ def _cat(parts, dtype) -> np.ndarray:
         else parts[0].astype(dtype)
 
 
-def assemble(recs: list[dict], natoms: np.ndarray, nedges: np.ndarray, y_want: np.ndarray):
-    """Concatenated arrays of a batch of parsed records (graph-major), with ``i``/``j`` as global
-    atom indices; Slow if a batch-wide check fails (then the per-item path decides)."""
-    cols = {f: [r[f] for r in recs] for f in recs[0]}
+def empty(shape, dtype) -> np.ndarray:
+    return np.empty(shape, dtype)
+
+
+def assemble(recs: list[dict], natoms: np.ndarray, nedges: np.ndarray, y_want: np.ndarray,
+             new=empty):
+    """Concatenated arrays of a batch of parsed records (graph-major): ``edge_index`` with global
+    atom indices (``i``/``j`` are its rows) and ``shift``, both int64 and allocated by ``new(shape,
+    dtype)`` (a worker's shared slot: written once, where the Batch will read them); Slow if a
+    check fails (then the per-item path decides)."""
+    nb = len(recs)
+    cols = {f: [r[f] for r in recs] for f in ("z", "pos", "frac", "cell", "nbr_count", "y", "pbc")}
     z = _cat(cols["z"], np.int64)
     pos = _cat(cols["pos"], np.float64).reshape(-1, 3)
     frac = _cat(cols["frac"], np.float64).reshape(-1, 3)
     cell = _cat(cols["cell"], np.float64).reshape(-1, 3, 3)
     counts = _cat(cols["nbr_count"], np.int64)
-    j = _cat(cols["j"], np.int64)
-    shift = _cat(cols["shift"], np.int64).reshape(-1, 3)
-    y = _cat(cols["y"], np.float64).reshape(len(recs), -1)
+    y = _cat(cols["y"], np.float64).reshape(nb, -1)
     pbc = _cat(cols["pbc"], np.uint8).reshape(-1, 3)
-    atom0 = np.zeros(len(recs) + 1, dtype=np.int64)
+    atom0 = np.zeros(nb + 1, dtype=np.int64)
     np.cumsum(natoms, out=atom0[1:])
-    edge_n = np.repeat(natoms, nedges)  # atoms of each edge's graph
-    ok = (bool(natoms.all())
+    ok = (bool(natoms.all()) and (len(counts) == 0 or int(counts.min()) >= 0)
           and np.array_equal(np.add.reduceat(counts, atom0[:-1]), nedges)
           and math.isfinite(float(pos.sum()) + float(frac.sum()) + float(cell.sum()))
           and (len(z) == 0 or (int(z.min()) >= 1 and int(z.max()) <= MAX_Z))
-          and bool((j < edge_n).all())
           and np.array_equal(y, y_want, equal_nan=True))
     if not ok:
         raise Slow
-    i = np.repeat(np.arange(len(z), dtype=np.int64), counts)  # CSR: centres in order
-    j += np.repeat(atom0[:-1], nedges)
+    edge_index = new((2, int(nedges.sum())), np.int64)
+    i, j = edge_index
+    e0 = 0
+    for r, a0, n, e in zip(recs, atom0.tolist(), natoms.tolist(), nedges.tolist()):
+        rj = r["j"]  # within its graph (checked here, on the record's small array): offset
+        if e and (int(rj.max()) >= n or (rj.dtype.kind == "i" and int(rj.min()) < 0)):
+            raise Slow
+        np.add(rj, a0, out=j[e0:e0 + e], dtype=np.int64)  # widened as it is written
+        e0 += e
+    i[...] = np.repeat(np.arange(len(z), dtype=np.int64), counts)  # CSR: centres in order
+    shift = new((e0, 3), np.int64)
+    if e0:
+        np.concatenate([r["shift"] for r in recs], out=shift.reshape(-1), casting="same_kind")
     return {"z": z, "pos": pos, "frac": frac, "cell": cell, "pbc": pbc.astype(bool), "y": y,
-            "i": i, "j": j, "shift": shift, "natoms": natoms, "nedges": nedges}
+            "edge_index": edge_index, "i": i, "j": j, "shift": shift, "natoms": natoms,
+            "nedges": nedges}
 
 
-def _rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``a[idx]`` for a C-contiguous 2-D array, as one 1-D gather of whole rows (NumPy's 2-D
-    fancy indexing is ~5x slower)."""
-    return a.view(np.dtype((np.void, a.shape[1] * a.itemsize))).ravel()[idx] \
-        .view(a.dtype).reshape(-1, a.shape[1])
-
-
-def narrow(a: dict, cutoff: float | None, max_neighbors: int | None) -> dict:
+def narrow(a: dict, cutoff: float | None, max_neighbors: int | None, new=empty) -> dict:
     """Keep the edges within ``cutoff`` and then the ``max_neighbors`` nearest of each centre,
-    for a whole batch at once (``i``/``j`` global, edges graph-major). The per-item path calls
-    this too (a batch of one), so both give the same edges to the last bit."""
-    i, j, shift, nedges = a["i"], a["j"], a["shift"], a["nedges"]
+    for a whole batch at once (``i``/``j`` global, edges graph-major), the kept edges gathered
+    into ``edge_index`` and ``shift`` allocated by ``new``. The per-item path calls this too (a
+    batch of one), so both give the same edges to the last bit."""
+    i, j, shift, nedges = a["i"], a["j"], np.ascontiguousarray(a["shift"]), a["nedges"]
     d = edge_lengths(a["pos"], a["cell"], i, j, shift, nedges)
     keep = np.ones(len(d), dtype=bool) if cutoff is None else d <= cutoff
     if max_neighbors is not None:
         keep[keep] = cap_mask(i[keep], d[keep], max_neighbors)
     idx = np.flatnonzero(keep)
     ecum = np.concatenate([[0], np.cumsum(nedges)])
+    edge_index, out_shift = new((2, len(idx)), np.int64), new((len(idx), 3), shift.dtype)
+    np.take(i, idx, out=edge_index[0])
+    np.take(j, idx, out=edge_index[1])
+    row = np.dtype((np.void, 3 * shift.itemsize))  # a whole row per element: one 1-D gather
+    np.take(shift.view(row).ravel(), idx, out=out_shift.view(row).ravel())
     out = dict(a)
-    out.update(i=i[idx], j=j[idx], shift=_rows(np.ascontiguousarray(shift), idx),
+    out.update(edge_index=edge_index, i=edge_index[0], j=edge_index[1], shift=out_shift,
                nedges=np.diff(np.searchsorted(idx, ecum)))  # kept edges of each graph
     return out

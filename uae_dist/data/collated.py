@@ -27,23 +27,25 @@ FIELDS = ("edge_index", "y", "pos", "z", "frac", "cell", "pbc", "shift", "natoms
 _ALIGN = 64
 
 
-def arrays(a: dict, idx, f, take=None) -> dict:
-    """Every array of the Batch of the arrays ``a`` (see ``batched.assemble``; ``i``/``j`` or a
-    ready ``edge_index``), floats as ``f`` (a NumPy dtype). ``take(shape, dtype)`` gives the
-    memory each array is written into (a worker's shared slot, :mod:`.ring`); without it, fields
-    already of the right dtype are used as they are."""
+def arrays(a: dict, idx, f, slot=None) -> dict:
+    """Every array of the Batch of the arrays ``a`` (see ``batched.assemble``: ``edge_index``, or
+    ``i``/``j``), floats as ``f`` (a NumPy dtype). With ``slot`` (a worker's shared slot,
+    :class:`~.ring.SlotWriter`) every array is written into it, those already there kept as they
+    are; without it, fields already of the right dtype are used as they are."""
     natoms, nedges = a["natoms"].astype(np.int64, copy=False), a["nedges"]
     nb, n = len(natoms), len(a["z"])
 
     def place(x, dt):
         x = np.asarray(x)
-        if take is None:
+        if slot is None:
             return x.astype(dt, copy=False)
-        out = take(x.shape, dt)
+        if x.dtype == dt and slot.owns(x):
+            return x
+        out = slot.take(x.shape, dt)
         np.copyto(out, x, casting="unsafe")
         return out
 
-    new = take or (lambda shape, dt: np.empty(shape, dt))
+    new = slot.take if slot is not None else (lambda shape, dt: np.empty(shape, dt))
     edge_index = a.get("edge_index")
     if edge_index is None:
         edge_index = new((2, len(a["j"])), np.int64)

@@ -27,9 +27,9 @@ import torch
 from torch_geometric.data import Batch, Data
 
 from . import lmdb_store as store
-from .batched import Slow, assemble, narrow, parse
+from .batched import Slow, assemble, empty, narrow, parse
 from .collated import Packed, to_batch
-from .ring import RingBatch, forking_ring
+from .ring import RingBatch, SlotFull, forking_ring
 from .graph import SCHEMA_VERSION, decode_record
 from .integrity import DataError, check_manifest_records, check_record, check_shard_file, \
     check_split, rebuild_hint
@@ -210,19 +210,31 @@ class CrystalGraphDataset(torch.utils.data.Dataset):
                     blobs[p], paths[p] = self._get(txn, ks[p], keys[p], path), path
         natoms, nedges = self.natoms[ks], self.nedges[ks]
         t = len(self.target_names)
+        ring = forking_ring()  # in a GraphLoader's worker: into a shared slot if one is free
+        slot = ring.writer(self.dtype) if ring is not None else None
         try:
             recs = [parse(b, self.ids[k], n, e, t)
                     for b, k, n, e in zip(blobs, ks, natoms.tolist(), nedges.tolist())]
-            a = assemble(recs, natoms, nedges, self._y[ks])
+            a = self._assemble(recs, natoms, nedges, ks, slot)
         except Slow:  # a damaged or unusual record: the per-item path checks and raises
+            if slot is not None:
+                slot.cancel()
             return [Batch.from_data_list([self._data(self._decode(b, k, p), i)
                                           for b, k, p, i in zip(blobs, ks, paths, indices)])]
-        if self.cutoff is not None or self.max_neighbors is not None:
-            a = narrow(a, self.cutoff, self.max_neighbors)
+        except SlotFull:  # larger than the slot (not in the plan it was sized for)
+            slot.cancel()
+            slot, a = None, self._assemble(recs, natoms, nedges, ks, None)
         ids = [self.ids[k] for k in ks]
-        ring = forking_ring()  # in a GraphLoader's worker: into a shared slot if one is free
-        shared = ring.put(a, ids, indices, self.dtype) if ring is not None else None
+        shared = slot.finish(a, ids, indices, self.dtype) if slot is not None else None
         return [shared if shared is not None else to_batch(a, ids, indices, self.dtype)]
+
+    def _assemble(self, recs, natoms, nedges, ks, slot) -> dict:
+        """The batch's arrays, its edges written into ``slot`` when there is one (narrowed, only
+        the kept edges go there)."""
+        narrowing = self.cutoff is not None or self.max_neighbors is not None
+        into = slot.take if slot is not None else empty
+        a = assemble(recs, natoms, nedges, self._y[ks], empty if narrowing else into)
+        return narrow(a, self.cutoff, self.max_neighbors, into) if narrowing else a
 
 
 def collate(items: list) -> Batch:

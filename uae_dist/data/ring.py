@@ -7,6 +7,8 @@ does per edge competes with the workers for the same cores. Sent as :class:`~.co
 slower than none. Here the worker writes the Batch's final arrays (its dtypes, its layout) into a
 slot of memory the main process shares, and sends only the slot's number and layout; the main
 process wraps the slot's bytes as the Batch's tensors without a copy.
+A worker reserves its slot before it parses (:meth:`BatchRing.writer`), so the edge arrays
+are assembled in the slot itself rather than copied there afterwards.
 
 How: :class:`GraphLoader` maps one anonymous shared region before it forks its workers (worker
 ``w`` owns slots ``w*K .. w*K+K-1``). A slot is taken by a worker and handed back when the last
@@ -18,6 +20,7 @@ spawn or forkserver start methods), the batch goes as ``Packed``: slower, the sa
 from __future__ import annotations
 
 import itertools
+import math
 import mmap
 import os
 import weakref
@@ -42,8 +45,8 @@ def batch_bytes(atoms, edges, graphs, targets: int, float_bytes: int):
     return 40 * edges + per_atom * atoms + per_graph * graphs + 24 * aligned(1)  # gaps, ≤ 1 per array
 
 
-class _Full(Exception):
-    pass
+class SlotFull(Exception):
+    """A batch larger than its slot (then it is sent another way)."""
 
 
 class BatchRing:
@@ -72,39 +75,24 @@ class BatchRing:
             if s not in self.held:
                 self.state[s] = 0
 
-    def put(self, a: dict, ids: list, idx, dtype: torch.dtype):
-        """In worker ``w``: the batch written into a free slot of ``w``, as a :class:`RingBatch`;
-        None when it does not fit or no slot is free (then the caller sends it another way)."""
+    def writer(self, dtype: torch.dtype):
+        """In worker ``w``: a free slot of ``w``, taken, as a :class:`SlotWriter`; None when no
+        slot is free or this is no worker of the ring (then the batch goes another way)."""
         info = torch.utils.data.get_worker_info()
         if info is None or os.getpid() == self.owner or dtype not in NP_FLOAT \
                 or info.id >= self.workers:
             return None
         first = info.id * self.per_worker
-        free = [s for s in range(first, first + self.per_worker) if self.state[s] == 0]
-        if not free:
-            return None
-        slot = free[0]
-        self.state[slot] = 1
-        raw = np.frombuffer(self.mm, np.uint8, self.slot_bytes, self.head + slot * self.slot_bytes)
-        used = [0]
+        for slot in range(first, first + self.per_worker):
+            if self.state[slot] == 0:
+                self.state[slot] = 1
+                return SlotWriter(self, slot)
+        return None
 
-        def take(shape, dt):
-            dt = np.dtype(dt)
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-            off = used[0]
-            if off + nbytes > self.slot_bytes:
-                raise _Full
-            used[0] = off + aligned(nbytes)
-            return raw[off:off + nbytes].view(dt).reshape(shape)
-
-        try:
-            out = arrays(a, idx, NP_FLOAT[dtype], take)
-        except _Full:
-            self.state[slot] = 0
-            return None
-        at = raw.ctypes.data
-        layout = [(k, v.dtype.str, v.shape, v.ctypes.data - at) for k, v in out.items()]
-        return RingBatch(self.token, slot, layout, list(ids), dtype)
+    def put(self, a: dict, ids: list, idx, dtype: torch.dtype):
+        """The batch of arrays ``a`` copied into a free slot (see :meth:`writer`), or None."""
+        w = self.writer(dtype)
+        return w.finish(a, ids, idx, dtype) if w is not None else None
 
     def open(self, slot: int, layout: list) -> dict:
         """In the owning process: the slot's arrays (views), the slot freed when they all die."""
@@ -125,6 +113,48 @@ def _detached():
 def forking_ring():
     """The ring of the loader whose workers this process's DataLoader worker belongs to."""
     return _FORKING
+
+
+class SlotWriter:
+    """A taken slot that hands out its memory in order (:meth:`take`, ``new`` of
+    ``batched.assemble``), so that a batch's arrays are written once, where the Batch reads them;
+    :meth:`finish` places the rest and gives the :class:`RingBatch`."""
+
+    def __init__(self, ring: BatchRing, slot: int):
+        self.ring, self.slot, self.used = ring, slot, 0
+        self.raw = np.frombuffer(ring.mm, np.uint8, ring.slot_bytes,
+                                 ring.head + slot * ring.slot_bytes)
+        self.at = self.raw.ctypes.data
+
+    def take(self, shape, dt) -> np.ndarray:
+        """An uninitialised array in the slot; :class:`SlotFull` past its end."""
+        dt = np.dtype(dt)
+        nbytes = math.prod(shape) * dt.itemsize
+        off = self.used
+        if off + nbytes > self.ring.slot_bytes:
+            raise SlotFull
+        self.used = off + aligned(nbytes)
+        return self.raw[off:off + nbytes].view(dt).reshape(shape)
+
+    def owns(self, x: np.ndarray) -> bool:
+        """Whether ``x`` lies in this slot (was made by :meth:`take`: no copy needed)."""
+        p = x.__array_interface__["data"][0]
+        return self.at <= p < self.at + self.ring.slot_bytes
+
+    def finish(self, a: dict, ids: list, idx, dtype: torch.dtype):
+        """The batch (arrays ``a``, some already taken from here) as a RingBatch; None, the slot
+        given back, when it does not fit."""
+        try:
+            out = arrays(a, idx, NP_FLOAT[dtype], self)
+        except SlotFull:
+            self.cancel()
+            return None
+        layout = [(k, v.dtype.str, v.shape, v.__array_interface__["data"][0] - self.at)
+                  for k, v in out.items()]
+        return RingBatch(self.ring.token, self.slot, layout, list(ids), dtype)
+
+    def cancel(self) -> None:
+        self.ring.state[self.slot] = 0
 
 
 class RingBatch:
